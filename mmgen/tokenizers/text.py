@@ -1,0 +1,85 @@
+"""SentencePiece text tokenizer trained by mmgen, with special tokens safe from injection.
+
+Ids 0..3 are <pad> <unk> <bos> <eos>; then `CONTROL_TOKENS` (<boi>, <eoi>, role markers) as
+SentencePiece control symbols, which are never produced from text: a user who types "<boi>"
+gets ordinary pieces. Byte fallback means no text is ever <unk>.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from mmgen.config import CONTROL_TOKENS
+
+FILENAME = "tokenizer.model"
+
+
+class TextTokenizer:
+    """A SentencePiece model plus the special ids mmgen needs."""
+
+    def __init__(self, model_proto: bytes):
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.model_proto = model_proto
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
+        ids = {tok: self.sp.piece_to_id(tok) for tok in CONTROL_TOKENS}
+        missing = [tok for tok, i in ids.items() if i == self.unk_id or not self.sp.is_control(i)]
+        if missing or self.sp.id_to_piece(self.bos_id) != "<s>" or self.sp.pad_id() != self.pad_id:
+            raise ValueError(
+                f"this SentencePiece model was not trained by mmgen (missing control tokens {missing} or "
+                "unexpected special ids); train one with TextTokenizer.train"
+            )
+        self.boi_id, self.eoi_id = ids["<boi>"], ids["<eoi>"]
+        self.user_id, self.assistant_id, self.end_id = ids["<|user|>"], ids["<|assistant|>"], ids["<|end|>"]
+        self.special_ids = frozenset([self.pad_id, self.bos_id, self.eos_id, *ids.values()])
+
+    @classmethod
+    def train(cls, corpus: Iterable[str], vocab_size: int = 512, model_type: str = "bpe") -> TextTokenizer:
+        """Train a tokenizer on an iterable of sentences.
+
+        Args:
+            corpus: training text, one sentence or line per item.
+            vocab_size: upper bound on the vocabulary (smaller corpora give fewer pieces; 256 byte
+                pieces and the special tokens are included).
+            model_type: "bpe" or "unigram".
+        """
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            control_symbols=list(CONTROL_TOKENS),
+            byte_fallback=True,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            split_digits=True,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return cls(buf.getvalue())
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids; never yields a special id."""
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; special ids are dropped."""
+        return self.sp.decode([i for i in ids if i not in self.special_ids])
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, FILENAME).write_bytes(self.model_proto)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TextTokenizer:
+        path = Path(directory, FILENAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the model directory has no text tokenizer")
+        return cls(path.read_bytes())
