@@ -3,6 +3,7 @@ caption accuracy on held-out real digits, and PNG grids to look at."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,10 @@ from PIL import Image
 from torch import Tensor
 
 from mmgen.data.digits import WORDS, DigitsDataset, parse_digit
-from mmgen.generation import Engine, GenerationOptions
+from mmgen.generation import GenerationOptions
+from mmgen.pipeline import Pipeline
+
+PROMPT = "a handwritten digit {d}"
 
 
 class DigitClassifier:
@@ -32,15 +36,11 @@ class DigitClassifier:
         return self.svm.predict(self._features(images.cpu()))
 
 
-def generate_digits(
-    engine: Engine, tokenizer, per_digit: int, options: GenerationOptions, seed: int = 0,
-    template: str = "a handwritten digit {d}",
-) -> Tensor:
+def generate_digits(pipe: Pipeline, per_digit: int, options: GenerationOptions, seed: int = 0,
+                    template: str = PROMPT) -> Tensor:
     """`per_digit` images for each digit from its prompt -> (10, per_digit, C, H, W)."""
-    prompts = [[tokenizer.encode(template.format(d=d, w=WORDS[d]))] for d in range(10) for _ in range(per_digit)]
-    opts = GenerationOptions(**{**options.__dict__, "max_new_tokens": 1})
-    out = engine.generate(prompts, opts, seed=seed, force_image=True)
-    images = torch.stack([row[0] for row in out])
+    prompts = [template.format(d=d, w=WORDS[d]) for d in range(10) for _ in range(per_digit)]
+    images = torch.stack(pipe.draw(prompts, options, seed=seed))
     return images.view(10, per_digit, *images.shape[1:])
 
 
@@ -50,16 +50,39 @@ def prompted_accuracy(images: Tensor, classifier: DigitClassifier) -> float:
     return float((pred == np.arange(10)[:, None]).mean())
 
 
-def caption_accuracy(engine: Engine, tokenizer, dataset: DigitsDataset, batch_size: int = 128) -> tuple[float, list[str]]:
+def caption_accuracy(pipe: Pipeline, dataset: DigitsDataset, batch_size: int = 128) -> tuple[float, list[str]]:
     """Greedy captions of real digits; the share naming the right digit, and the captions."""
-    opts = GenerationOptions(max_new_tokens=16, temperature=0)
     captions = []
     for start in range(0, len(dataset), batch_size):
-        prompts = [[dataset.images[i]] for i in range(start, min(start + batch_size, len(dataset)))]
-        for row in engine.generate(prompts, opts):
-            captions.append(" ".join(tokenizer.decode(s) for s in row if isinstance(s, list)))
+        captions += pipe.caption([dataset.images[i] for i in range(start, min(start + batch_size, len(dataset)))])
     hits = [parse_digit(c) == int(y) for c, y in zip(captions, dataset.labels)]
     return float(np.mean(hits)), captions
+
+
+def evaluate_digits(model_dir: str | Path, per_digit: int = 10, options: GenerationOptions | None = None,
+                    grid: str | Path | None = None, seed: int = 0) -> dict:
+    """Prompted-class accuracy of generated digits and caption accuracy on the 297 held-out digits."""
+    pipe = Pipeline.from_pretrained(model_dir)
+    options = options or GenerationOptions()
+    start = time.perf_counter()
+    images = generate_digits(pipe, per_digit, options, seed)
+    gen_seconds = time.perf_counter() - start
+    acc = prompted_accuracy(images, DigitClassifier())
+    if grid is not None:
+        save_grid(images, grid)
+    start = time.perf_counter()
+    cap_acc, captions = caption_accuracy(pipe, DigitsDataset("test"))
+    return {
+        "prompted_class_accuracy": acc,
+        "images": images.shape[0] * images.shape[1],
+        "image_steps": options.image_steps,
+        "guidance": options.guidance,
+        "generation_seconds": round(gen_seconds, 2),
+        "caption_accuracy": cap_acc,
+        "held_out_digits": len(captions),
+        "caption_seconds": round(time.perf_counter() - start, 2),
+        "example_captions": captions[:4],
+    }
 
 
 def save_grid(images: Tensor, path: str | Path, scale: int = 4, pad: int = 1) -> None:

@@ -156,7 +156,7 @@ class Engine:
         prompts: Sequence[Prompt],
         options: GenerationOptions | None = None,
         seed: int | Sequence[int] = 0,
-        force_image: bool = False,
+        force_image: bool | Sequence[bool] = False,
         progress: Callable[[dict], None] | None = None,
     ) -> list[list[list[int] | Tensor]]:
         """Continue each prompt until <eos> or `max_new_tokens`.
@@ -166,7 +166,7 @@ class Engine:
             options: sampling settings.
             seed: one per row (or a base seed: row i uses seed + i); a row's output depends only
                 on its prompt and its seed, not on the rest of the batch.
-            force_image: start every row's answer with <boi>.
+            force_image: start the answer with <boi> (for every row, or per row).
             progress: called after every denoising step with {"i", "steps", ...}.
 
         Returns:
@@ -181,7 +181,8 @@ class Engine:
         cache, last = self.prefill(self.builder(prompts, add_eos=False))
         b, dev = len(prompts), m.device
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        forced = torch.full((b,), tok.boi_id if force_image else -1, device=dev)
+        force = [force_image] * b if isinstance(force_image, bool) else list(force_image)
+        forced = torch.tensor([tok.boi_id if f else -1 for f in force], device=dev)
         n_images = torch.zeros(b, dtype=torch.long, device=dev)
         outputs: list[list] = [[] for _ in range(b)]
         for _ in range(opts.max_new_tokens):

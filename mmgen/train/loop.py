@@ -1,4 +1,4 @@
-"""A single-process training loop: AdamW, warmup + cosine decay, gradient clipping, progress bar.
+"""A single-process training loop: AdamW, warmup + cosine decay, gradient clipping, EMA, progress bar.
 
 Enough to train the tiny preset on the bundled data on a laptop CPU; the accelerate entrypoint
 (multi-process, checkpoints, resume) builds on the same `MMGenModel.loss`.
@@ -28,6 +28,7 @@ class TrainOptions:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
+    ema_decay: float = 0.999  # the returned model holds the EMA weights; 0 turns EMA off
     seed: int = 0
     log_every: int = 100
 
@@ -48,6 +49,26 @@ def param_groups(model: MMGenModel, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class EMA:
+    """Exponential moving average of parameters, with the usual warmup min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n])
+
+
 def train(
     model: MMGenModel, builder: SequenceBuilder, samples: Dataset, opts: TrainOptions, show_progress: bool = True
 ) -> list[dict[str, float]]:
@@ -57,6 +78,7 @@ def train(
     optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr, betas=opts.betas)
     sampler = RandomSampler(samples, generator=torch.Generator().manual_seed(opts.seed))
     loader = DataLoader(samples, batch_size=opts.batch_size, sampler=sampler, collate_fn=builder, drop_last=True)
+    ema = EMA(model, opts.ema_decay) if opts.ema_decay else None
     noise = torch.Generator(device=model.device).manual_seed(opts.seed + 1)
     log, sums, epoch, step, start = [], {}, 0, 0, time.perf_counter()
     bar = tqdm(total=opts.steps, disable=not show_progress, desc="train", dynamic_ncols=True)
@@ -73,6 +95,8 @@ def train(
             out["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             for k in ("loss", "lm", "diffusion"):
                 sums[k] = sums.get(k, 0.0) + out[k].item()
@@ -87,5 +111,7 @@ def train(
             bar.update(1)
         epoch += 1
     bar.close()
+    if ema is not None:
+        ema.copy_to(model)
     model.eval()
     return log

@@ -1,0 +1,91 @@
+"""Where strings and pictures meet ids and tensors: load a model directory, draw from captions,
+caption images. The engine below works on ids only; this layer owns the tokenizer and image I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from mmgen.generation import Engine, GenerationOptions
+from mmgen.model import MMGenModel
+from mmgen.sequence import SequenceBuilder
+from mmgen.tokenizers.text import TextTokenizer
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
+
+
+def to_tensor(image: ImageLike, channels: int, resolution: int) -> Tensor:
+    """A path, PIL image, uint8 array (H, W[, C]) or tensor (C, H, W) in [-1, 1] -> (C, H, W) in [-1, 1].
+
+    Files and PIL images are converted to the model's mode (L or RGB) and resized to its resolution.
+    """
+    if isinstance(image, Tensor):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                image = im.copy()
+        except Exception as e:  # PIL raises several types for corrupt or non-image files
+            raise ValueError(f"cannot read {path} as an image: {e}") from e
+    if isinstance(image, Image.Image):
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be uint8 (H, W[, C]), got {image.dtype}")
+        arr = image[..., None] if image.ndim == 2 else image
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
+
+
+def to_pil(image: Tensor, scale: int = 1) -> Image.Image:
+    """(C, H, W) in [-1, 1] -> PIL image, optionally upscaled `scale`× with nearest neighbours."""
+    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST) if scale > 1 else pil
+
+
+class Pipeline:
+    """A model with its tokenizer: `draw` images from captions, `caption` images."""
+
+    def __init__(self, model: MMGenModel, tokenizer: TextTokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        c = model.config
+        self.builder = SequenceBuilder(
+            tokenizer, c.image.channels, c.image.resolution, c.image.tokens_per_image,
+            c.backbone.max_position_embeddings,
+        )
+        self.engine = Engine(model, self.builder)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+        return cls(MMGenModel.from_pretrained(directory, device), TextTokenizer.load(directory))
+
+    def image(self, image: ImageLike) -> Tensor:
+        c = self.model.config.image
+        return to_tensor(image, c.channels, c.resolution)
+
+    def draw(
+        self, prompts: Sequence[str], options: GenerationOptions | None = None, seed: int = 0,
+        progress: Callable[[dict], None] | None = None,
+    ) -> list[Tensor]:
+        """One image (C, H, W) in [-1, 1] per prompt."""
+        opts = GenerationOptions(**{**(options or GenerationOptions()).__dict__, "max_new_tokens": 1})
+        rows = self.engine.generate([[p] for p in prompts], opts, seed=seed, force_image=True, progress=progress)
+        return [row[0] for row in rows]
+
+    def caption(self, images: Sequence[ImageLike], options: GenerationOptions | None = None, seed: int = 0) -> list[str]:
+        """A caption per image (greedy by default)."""
+        opts = options or GenerationOptions(max_new_tokens=24, temperature=0, max_images=0)
+        rows = self.engine.generate([[self.image(im)] for im in images], opts, seed=seed)
+        return [" ".join(self.tokenizer.decode(s) for s in row if isinstance(s, list)).strip() for row in rows]

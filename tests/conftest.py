@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from mmgen.config import BackboneConfig, ImageConfig, ModelConfig  # noqa: E402
+from mmgen.data.captions import corpus  # noqa: E402
+from mmgen.data.digits import DigitsDataset  # noqa: E402
+from mmgen.model import MMGenModel  # noqa: E402
+from mmgen.sequence import SequenceBuilder  # noqa: E402
+from mmgen.tokenizers.text import TextTokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer.train(corpus(DigitsDataset("all")), vocab_size=512)
+
+
+def micro_config(vocab_size: int, objective: str = "eps", **backbone) -> ModelConfig:
+    bb = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    cfg = ModelConfig(backbone=BackboneConfig(**{**bb, **backbone}), image=ImageConfig(1, 8, 2))
+    cfg.diffusion.objective = objective
+    return cfg
+
+
+@pytest.fixture
+def model(tokenizer) -> MMGenModel:
+    torch.manual_seed(0)
+    m = MMGenModel(micro_config(len(tokenizer)))
+    with torch.no_grad():  # an untrained model predicts zeros for images; make its outputs depend on inputs
+        m.image.proj_out.weight.normal_(0, 0.2)
+    return m.eval()
+
+
+@pytest.fixture
+def builder(model, tokenizer) -> SequenceBuilder:
+    c = model.config
+    return SequenceBuilder(tokenizer, 1, 8, c.image.tokens_per_image, c.backbone.max_position_embeddings)
+
+
+def digit(i: int = 0) -> torch.Tensor:
+    return DigitsDataset("test").images[i]

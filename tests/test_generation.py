@@ -1,0 +1,120 @@
+"""The decode loop: cached == uncached, determinism, batch == alone, sampling filters."""
+
+import pytest
+import torch
+
+from conftest import digit
+from mmgen.generation import Engine, GenerationOptions, sample_token
+
+
+def full_forward(model, builder, segments, t_image=0.0, noisy=None):
+    """Uncached reference: one forward over the whole sequence (images at noise time t_image)."""
+    b = builder([segments], add_eos=False)
+    images = b.images if noisy is None else noisy
+    tokens = model.image.embed(model.image.patchify(images), torch.full((len(images),), t_image)) if len(images) else None
+    h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
+    return b, h
+
+
+@torch.no_grad()
+def test_cached_text_decoding_equals_uncached(model, builder, tokenizer):
+    engine = Engine(model, builder)
+    prompt = tokenizer.encode("a handwritten digit")
+    cont = tokenizer.encode(" seven is drawn here")
+    cache, last = engine.prefill(builder([[prompt]], add_eos=False))
+    cached = [model.logits(last)]
+    for tid in cont:
+        x = model.embed(torch.tensor([[tid]]), torch.tensor([[-1]]), None)
+        cached.append(model.logits(engine.extend(cache, x, torch.tensor([True]), False)[:, -1]))
+    _, h = full_forward(model, builder, [prompt + cont])
+    ref = model.logits(h[0, -len(cont) - 1 :])
+    torch.testing.assert_close(torch.cat(cached), ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("objective", ["eps", "flow"])
+def test_cached_denoiser_and_clean_pass_equal_uncached(model, builder, tokenizer, objective):
+    model.objective.__init__(objective)
+    engine = Engine(model, builder)
+    prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
+    cache, _ = engine.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
+    denoiser = engine.image_denoiser(cache, guidance=1.0)
+    x0 = digit(3)[None]
+    sigma = model.objective.sigma(torch.tensor([0.4]))[0]
+    x_ve = x0 + sigma * torch.randn_like(x0)
+    got = denoiser(x_ve, sigma)
+    # uncached: the whole sequence with the image at t = 0.4, in the model's own x_t
+    t = torch.tensor([0.4])
+    a, _ = model.objective.alpha_sigma(t)
+    x_t = x_ve * a
+    b, h = full_forward(model, builder, [prompt, x0[0], after], t_image=0.4, noisy=x_t)
+    slots = b.image_id[0] >= 0
+    pred = model.image.unpatchify(model.image.predict(h[0, slots][None]))
+    torch.testing.assert_close(got, model.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
+    # the clean pass, then <eoi> and text: logits equal the uncached forward with the clean image
+    tokens = model.image.embed(model.image.patchify(x0), torch.zeros(1))
+    engine.extend(cache, tokens, torch.tensor([True]), True)
+    logits = []
+    for tid in [tokenizer.eoi_id] + after:
+        x = model.embed(torch.tensor([[tid]]), torch.tensor([[-1]]), None)
+        logits.append(model.logits(engine.extend(cache, x, torch.tensor([True]), False)[:, -1]))
+    b, h = full_forward(model, builder, [prompt, x0[0], after])
+    n = len(after) + 1
+    torch.testing.assert_close(torch.cat(logits), model.logits(h[0, -n:]), atol=1e-4, rtol=1e-4)
+
+
+OPTS = GenerationOptions(max_new_tokens=6, temperature=1.0, image_steps=4, guidance=2.0)
+
+
+def test_same_seed_same_output(model, builder, tokenizer):
+    engine = Engine(model, builder)
+    prompts = [[tokenizer.encode("digit 5")]]
+    a = engine.generate(prompts, OPTS, seed=3, force_image=True)
+    b = engine.generate(prompts, OPTS, seed=3, force_image=True)
+    c = engine.generate(prompts, OPTS, seed=4, force_image=True)
+    assert torch.equal(a[0][0], b[0][0]) and a[0][1:] == b[0][1:]
+    assert not torch.allclose(a[0][0], c[0][0])
+
+
+def test_batched_sample_equals_sample_alone(model, builder, tokenizer):
+    """Rows of different lengths, one drawing an image while the other waits, CFG on."""
+    engine = Engine(model, builder)
+    prompts = [[tokenizer.encode("a handwritten digit 7")], [digit(2), tokenizer.encode("this is")]]
+    batch = engine.generate(prompts, OPTS, seed=[11, 12], force_image=[True, False])
+    for i, p in enumerate(prompts):
+        alone = engine.generate([p], OPTS, seed=[11 + i], force_image=[i == 0])[0]
+        assert len(alone) == len(batch[i])
+        for x, y in zip(alone, batch[i]):
+            if isinstance(x, torch.Tensor):
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+            else:
+                assert x == y
+    assert isinstance(batch[0][0], torch.Tensor) and batch[0][0].shape == (1, 8, 8)
+
+
+def test_max_new_tokens_and_no_image_when_disallowed(model, builder, tokenizer):
+    engine = Engine(model, builder)
+    out = engine.generate([[tokenizer.encode("hello")]], GenerationOptions(max_new_tokens=5, max_images=0), seed=1)
+    assert all(isinstance(s, list) for s in out[0]) and sum(len(s) for s in out[0]) <= 5
+
+
+def test_sampling_filters():
+    gens = [torch.Generator().manual_seed(i) for i in range(400)]
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(400, 4)
+    greedy = sample_token(logits, GenerationOptions(temperature=0), gens)
+    assert (greedy == 0).all()
+    top_k = sample_token(logits, GenerationOptions(top_k=2), gens)
+    assert set(top_k.tolist()) <= {0, 1} and len(set(top_k.tolist())) == 2
+    top_p = sample_token(logits, GenerationOptions(top_p=0.7), gens)  # 0.5 + 0.3 reaches 0.7
+    assert set(top_p.tolist()) == {0, 1}
+    min_p = sample_token(logits, GenerationOptions(min_p=0.5), gens)  # keeps p >= 0.25
+    assert set(min_p.tolist()) == {0, 1}
+    free = sample_token(logits, GenerationOptions(), gens)
+    assert set(free.tolist()) == {0, 1, 2, 3}
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="sampler"):
+        GenerationOptions(sampler="nope")
+    with pytest.raises(ValueError, match="invalid sampling"):
+        GenerationOptions(top_p=0)
