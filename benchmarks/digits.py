@@ -27,7 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="evaluate this model directory instead of training one")
     p.add_argument("--out", default="runs/digits-tiny")
-    p.add_argument("--objective", default="eps", choices=["eps", "flow"])
+    p.add_argument("--objective", default="flow", choices=["eps", "flow"])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--per-digit", type=int, default=20)
     p.add_argument("--grid", default="docs/digits_grid.png")

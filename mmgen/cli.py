@@ -52,7 +52,7 @@ def cmd_train(args) -> None:
     model, tokenizer, log = train_digits(args.out, args.preset, args.objective, opts)
     print(f"trained {model.num_parameters() / 1e6:.2f}M parameters in {log[-1]['train_seconds']:.0f} s; "
           f"final loss {log[-1]['loss']:.4f} (lm {log[-1]['lm']:.4f}, diffusion {log[-1]['diffusion']:.4f})")
-    results = evaluate_digits(args.out, grid=Path(args.out) / "digits_grid.png")
+    results = evaluate_digits(args.out, args.eval_per_digit, grid=Path(args.out) / "digits_grid.png")
     (Path(args.out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="train the tiny model on the bundled digits, then evaluate it")
     p.add_argument("--out", default=DEFAULT_RUN)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--objective", default="eps", choices=["eps", "flow"])
+    p.add_argument("--objective", default="flow", choices=["eps", "flow"])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--eval-per-digit", type=int, default=10, help="images generated per digit for the evaluation")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("generate", help="draw images from a caption")

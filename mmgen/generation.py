@@ -185,11 +185,18 @@ class Engine:
         forced = torch.tensor([tok.boi_id if f else -1 for f in force], device=dev)
         n_images = torch.zeros(b, dtype=torch.long, device=dev)
         outputs: list[list] = [[] for _ in range(b)]
+        max_pos = m.config.backbone.max_position_embeddings
+        image_room = m.config.image.tokens_per_image + 2  # <boi> image <eoi>
         for _ in range(opts.max_new_tokens):
+            done |= cache.next_position >= max_pos  # out of context: the row stops
+            if done.all():
+                break
             logits = m.logits(last).float()
             logits[:, self.banned] = float("-inf")
-            logits[n_images >= opts.max_images, tok.boi_id] = float("-inf")
-            nxt = torch.where(forced >= 0, forced, sample_token(logits, opts, gens))
+            no_image = (n_images >= opts.max_images) | (cache.next_position + image_room > max_pos)
+            logits[no_image, tok.boi_id] = float("-inf")
+            nxt = torch.where((forced >= 0) & ~no_image, forced, sample_token(logits, opts, gens))
+            nxt = torch.where(forced == tok.eoi_id, forced, nxt)
             forced.fill_(-1)
             active = ~done
             last = self.extend(cache, m.embed(nxt[:, None], nxt.new_full((b, 1), -1), None), active, False)[:, -1]

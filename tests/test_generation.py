@@ -118,3 +118,11 @@ def test_bad_options():
         GenerationOptions(sampler="nope")
     with pytest.raises(ValueError, match="invalid sampling"):
         GenerationOptions(top_p=0)
+
+
+def test_generation_stops_at_the_context_limit(model, builder, tokenizer):
+    engine = Engine(model, builder)
+    prompt = [(tokenizer.encode("seven") * 90)[:90]]  # 91 of 96 positions with <bos>
+    out = engine.generate([prompt], GenerationOptions(max_new_tokens=50), seed=0, force_image=True)
+    assert all(isinstance(s, list) for s in out[0]), "no room for an image: none is drawn"
+    assert sum(len(s) for s in out[0]) <= 5

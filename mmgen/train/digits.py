@@ -25,7 +25,7 @@ def builder_for(model: MMGenModel, tokenizer: TextTokenizer) -> SequenceBuilder:
 
 
 def train_digits(
-    out: str | Path, preset: str = "tiny", objective: str = "eps", opts: TrainOptions | None = None,
+    out: str | Path, preset: str = "tiny", objective: str = "flow", opts: TrainOptions | None = None,
     show_progress: bool = True,
 ) -> tuple[MMGenModel, TextTokenizer, list[dict]]:
     """Train a text tokenizer and a model on the digits train split; save both to `out`."""

@@ -1,0 +1,75 @@
+"""Image I/O at the string/picture boundary, and the CLI end to end on a micro model."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import digit
+from mmgen.cli import main
+from mmgen.pipeline import Pipeline, to_pil, to_tensor
+
+
+def test_image_round_trip_through_png(tmp_path):
+    x = digit(4)
+    to_pil(x).save(tmp_path / "d.png")
+    y = to_tensor(tmp_path / "d.png", 1, 8)
+    assert y.shape == (1, 8, 8) and (y - x).abs().max() <= 1 / 127.5 + 1e-6
+
+
+def test_conversions_of_other_inputs():
+    rgb = Image.new("RGB", (32, 32), (255, 0, 0))
+    assert to_tensor(rgb, 1, 8).shape == (1, 8, 8)  # converted to the model's mode and size
+    assert to_tensor(np.zeros((8, 8), np.uint8), 1, 8).min() == -1
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor(np.zeros((8, 8), np.float32), 1, 8)
+    with pytest.raises(TypeError, match="unsupported image type"):
+        to_tensor(3, 1, 8)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read"):
+        to_tensor(tmp_path / "bad.png", 1, 8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        to_tensor(tmp_path / "none.png", 1, 8)
+
+
+@pytest.fixture
+def model_dir(model, tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "m", tokenizer)
+    return tmp_path / "m"
+
+
+def test_pipeline_draw_and_caption(model_dir):
+    pipe = Pipeline.from_pretrained(model_dir)
+    from mmgen.generation import GenerationOptions
+
+    images = pipe.draw(["a handwritten digit 3", "digit 4"], GenerationOptions(image_steps=3))
+    assert len(images) == 2 and images[0].shape == (1, 8, 8) and images[0].abs().max() <= 1
+    caps = pipe.caption([digit(0)], GenerationOptions(max_new_tokens=4, temperature=0))
+    assert isinstance(caps[0], str)
+
+
+def test_cli_generate_and_caption(model_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    main(["generate", "a handwritten digit 3", "--model", str(model_dir), "-o", str(out), "--steps", "3", "-n", "2"])
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 2 and Image.open(paths[0]).size == (64, 64)
+    main(["caption", paths[0], "--model", str(model_dir), "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.startswith(paths[0] + "\t")
+
+
+def test_cli_errors_are_messages(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        main(["generate", "x", "--model", str(tmp_path / "nope")])
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="cannot read"):
+        main(["caption", str(tmp_path / "bad.png"), "--model", str(model_dir)])
+
+
+def test_cli_train_runs_end_to_end(tmp_path, capsys):
+    main(["train", "--out", str(tmp_path / "run"), "--train-steps", "3", "--eval-per-digit", "1"])
+    out = capsys.readouterr().out
+    assert "prompted_class_accuracy" in out and (tmp_path / "run" / "digits_grid.png").is_file()
+    assert (tmp_path / "run" / "model.safetensors").is_file()
