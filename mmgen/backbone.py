@@ -74,7 +74,7 @@ class KVCache:
         return 0 if self.doc_id is None else self.doc_id.shape[1]
 
     def select(self, rows: Tensor) -> KVCache:
-        """A cache holding only the given batch rows (a copy of the index, shared storage untouched)."""
+        """A new cache holding only the given batch rows (B',); this cache is left as it is."""
         return KVCache(
             [k[rows] for k in self.keys], [v[rows] for v in self.values],
             self.doc_id[rows], self.image_id[rows], self.next_position[rows],

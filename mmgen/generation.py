@@ -110,11 +110,7 @@ class Engine:
 
     def null_prompt(self) -> SequenceBatch:
         """`<bos> <boi>`: the unconditional branch of classifier-free guidance."""
-        ids = torch.tensor([[self.tok.bos_id, self.tok.boi_id]])
-        return SequenceBatch(
-            ids=ids, image_id=torch.full_like(ids, -1), doc_id=torch.zeros_like(ids), positions=torch.arange(2)[None],
-            labels=torch.full_like(ids, -100), images=torch.zeros(0, 1, 1, 1), image_conditions=torch.zeros(0, dtype=torch.bool),
-        )
+        return self.builder([[[self.tok.boi_id]]], add_eos=False)
 
     def image_denoiser(self, cache: KVCache, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
         """D(x, σ) for the rows of `cache` (each ending in <boi>); the cache is read, never written.

@@ -140,8 +140,7 @@ class SequenceBuilder:
             doc_id[r, :n] = 0
             images += row_images
             conditions += row_cond
-        positions = (doc_id >= 0).long().cumsum(1) - 1
-        positions = positions.clamp(min=0)
+        positions = ((doc_id >= 0).long().cumsum(1) - 1).clamp(min=0)  # 1-D RoPE over the sequence
         labels = next_token_labels(ids, image_id, doc_id)
         c, h = self.channels, self.resolution
         return SequenceBatch(

@@ -24,7 +24,10 @@ def test_layout_and_labels(builder, tokenizer):
     # padding: no label, no document, positions stop growing
     n1 = (b.doc_id[1] >= 0).sum().item()
     assert (b.doc_id[1, n1:] == -1).all() and (b.labels[1, n1 - 1 :] == IGNORE).all()
-    assert b.image_conditions.tolist() == [False, True]  # only the image before its caption is capped
+    assert b.image_conditions.tolist() == [False, True]
+    # positions are pinned to 1-D RoPE over the sequence: image slots count like any token
+    n0 = (b.doc_id[0] >= 0).sum().item()
+    assert torch.equal(b.positions[0, :n0], torch.arange(n0))  # only the image before its caption is capped
 
 
 def test_special_text_stays_text(builder, tokenizer):
