@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmgen.config import BackboneConfig
+from mmgen.diffusion.step_cache import FirstBlockCache
 
 
 class RMSNorm(nn.Module):
@@ -169,7 +170,8 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
     def forward(
-        self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None
+        self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None,
+        step_cache: FirstBlockCache | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Run the layers over embeddings.
 
@@ -178,6 +180,8 @@ class LlamaModel(nn.Module):
             positions: RoPE positions (B, T).
             mask: boolean attention mask (B, 1, T, S), S = cache length + T.
             cache: keys/values of earlier tokens, or None (the caller decides whether to keep the new ones).
+            step_cache: First Block Cache state across denoising steps; on a hit only the first
+                block runs and no keys/values are returned.
 
         Returns:
             final-normed hidden states (B, T, D) and per-layer keys/values over all S keys.
@@ -186,6 +190,13 @@ class LlamaModel(nn.Module):
         new_kv = []
         for i, layer in enumerate(self.layers):
             past = (cache.keys[i], cache.values[i]) if cache is not None and cache.keys else None
+            x_in = x
             x, kv = layer(x, cos, sin, mask, past)
             new_kv.append(kv)
+            if i == 0 and step_cache is not None:
+                first_residual, after_first = x - x_in, x
+                if step_cache.reusable(first_residual):
+                    return self.norm(x + step_cache.rest), []
+        if step_cache is not None:
+            step_cache.store(first_residual, x - after_first)
         return self.norm(x), new_kv

@@ -102,14 +102,14 @@ class ImageConfig:
 class DiffusionConfig:
     """Training objective of the continuous path (DESIGN §4)."""
 
-    objective: str = "eps"  # "eps": ε-prediction, cosine VP schedule; "flow": flow matching, velocity target
+    objective: str = "eps"  # "eps" / "v": ε- / v-prediction, cosine VP schedule; "flow": flow matching
     loss_weight: float = 5.0  # λ in L = L_LM + λ·L_diffusion
     max_t_when_conditioning: float = 0.5  # noise cap for an image that precedes its caption
     z_loss: float = 0.0  # PaLM/Chameleon z-loss on the LM logits (1e-5 when used)
 
     def __post_init__(self) -> None:
-        if self.objective not in ("eps", "flow"):
-            raise ValueError(f"diffusion objective must be 'eps' or 'flow', got {self.objective!r}")
+        if self.objective not in ("eps", "v", "flow"):
+            raise ValueError(f"diffusion objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
 
 
 @dataclass

@@ -75,8 +75,9 @@ def evaluate_digits(model_dir: str | Path, per_digit: int = 10, options: Generat
     return {
         "prompted_class_accuracy": acc,
         "images": images.shape[0] * images.shape[1],
+        "sampler": options.sampler,
         "image_steps": options.image_steps,
-        "guidance": options.guidance,
+        "guidance": options.guidance.scale,
         "generation_seconds": round(gen_seconds, 2),
         "caption_accuracy": cap_acc,
         "held_out_digits": len(captions),

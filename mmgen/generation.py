@@ -18,7 +18,11 @@ import torch
 from torch import Tensor
 
 from mmgen.backbone import KVCache, pad_and_stack
-from mmgen.diffusion.samplers import SAMPLERS
+from mmgen.diffusion.guidance import Guidance
+from mmgen.diffusion.noise import BrownianTreeNoise, iid_noise
+from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
+from mmgen.diffusion.schedules import make_sigmas
+from mmgen.diffusion.step_cache import FirstBlockCache
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBatch, SequenceBuilder
 
@@ -27,7 +31,15 @@ Prompt = Sequence["list[int] | Tensor"]
 
 @dataclass
 class GenerationOptions:
-    """Sampling settings. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off."""
+    """Sampling settings.
+
+    Text: temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off.
+    Images: `sampler` (see SAMPLERS) walks `schedule` ("uniform" in the model's time, "karras", or
+    a list of σs) in `image_steps` steps; `shift` is the flow shift of "uniform"; `eta` the noise of
+    the stochastic samplers (None: the sampler's default), drawn from a per-row Brownian tree or
+    i.i.d. (`noise`); `guidance` a CFG scale or a full `Guidance`; `cache_threshold` τ of First
+    Block Cache (0 = off).
+    """
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -35,8 +47,13 @@ class GenerationOptions:
     top_p: float = 1.0
     min_p: float = 0.0
     image_steps: int = 25
-    guidance: float = 3.0  # CFG scale w: D = D_u + w·(D_c − D_u); 1 turns guidance off
     sampler: str = "euler"
+    schedule: str | Sequence[float] = "uniform"
+    shift: float = 1.0
+    eta: float | None = None
+    noise: str = "brownian"
+    guidance: float | Guidance = 3.0
+    cache_threshold: float = 0.0
     max_images: int = 1  # images per row before <boi> is no longer allowed
 
     def __post_init__(self) -> None:
@@ -44,6 +61,10 @@ class GenerationOptions:
             raise ValueError(f"invalid sampling options: {self}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose from {sorted(SAMPLERS)}")
+        if self.noise not in ("brownian", "iid"):
+            raise ValueError(f"noise must be 'brownian' or 'iid', got {self.noise!r}")
+        if not isinstance(self.guidance, Guidance):
+            self.guidance = Guidance(scale=float(self.guidance))
 
 
 def sample_token(logits: Tensor, opts: GenerationOptions, generators: Sequence[torch.Generator]) -> Tensor:
@@ -76,6 +97,7 @@ class Engine:
         self.model = model.eval()
         self.builder = builder
         self.tok = builder.tok
+        self.step_cache: FirstBlockCache | None = None  # statistics of the last image run
         self.banned = [self.tok.pad_id, self.tok.bos_id, self.tok.eoi_id, getattr(self.tok, "unk_id", self.tok.pad_id)]
 
     # -- cache primitives --------------------------------------------------------------------------
@@ -112,37 +134,34 @@ class Engine:
         """`<bos> <boi>`: the unconditional branch of classifier-free guidance."""
         return self.builder([[[self.tok.boi_id]]], add_eos=False)
 
-    def image_denoiser(self, cache: KVCache, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
+    def image_denoiser(
+        self, cache: KVCache, guidance: Guidance, step_cache: FirstBlockCache | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         """D(x, σ) for the rows of `cache` (each ending in <boi>); the cache is read, never written.
 
-        With guidance != 1 the null prompt `<bos> <boi>` runs beside every row in the same batch.
+        Guided steps run the null prompt `<bos> <boi>` beside every row in the same batch;
+        unguided ones (scale 1, or σ outside the guidance interval) run the rows alone.
         """
         m, r = self.model, cache.doc_id.shape[0]
-        guided = guidance != 1.0
-        if guided:
-            null_cache, _ = self.prefill(self.null_prompt())
-            cache = pad_and_stack([cache] + [null_cache] * r)
-        rows = cache.doc_id.shape[0]
+        both = pad_and_stack([cache] + [self.prefill(self.null_prompt())[0]] * r) if guidance.scale != 1 else None
         L = self.model.config.image.tokens_per_image
-        positions = cache.next_position[:, None] + torch.arange(L, device=m.device)  # (rows, L)
-        doc = torch.zeros(rows, L, dtype=torch.long, device=m.device)
-        image_id = torch.full((rows, L), int(cache.image_id.max()) + 1, device=m.device)
+        image_id = int(cache.image_id.max()) + 1
 
-        @torch.no_grad()
-        def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+        def branches(x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
+            kv = both if with_uncond else cache
+            rows = kv.doc_id.shape[0]
             t = m.objective.t_from_sigma(sigma.double()).float().expand(rows)
             a, _ = m.objective.alpha_sigma(t)
-            x_t = torch.cat([x, x]) if guided else x
-            x_t = x_t * a.view(-1, 1, 1, 1).to(x.dtype)
-            tokens = m.image.embed(m.image.patchify(x_t.to(m.dtype)), t)
-            hidden, _ = m(tokens, positions, doc, image_id, cache)
+            x_t = (torch.cat([x, x]) if with_uncond else x) * a.view(-1, 1, 1, 1).to(x.dtype)
+            tokens = m.image.embed(m.image.patchify(x_t.to(m.dtype)), t)  # (rows, L, D)
+            positions = kv.next_position[:, None] + torch.arange(L, device=m.device)  # (rows, L)
+            doc = torch.zeros(rows, L, dtype=torch.long, device=m.device)
+            ids = torch.full((rows, L), image_id, device=m.device)
+            hidden, _ = m(tokens, positions, doc, ids, kv, step_cache)
             x0 = m.objective.to_x0(x_t, m.image.unpatchify(m.image.predict(hidden)).to(x.dtype), t)
-            if guided:
-                cond, uncond = x0.chunk(2)
-                return uncond + guidance * (cond - uncond)
-            return x0
+            return (x0[:r], x0[r:]) if with_uncond else (x0, None)
 
-        return denoiser
+        return torch.no_grad()(guidance.denoiser(branches))
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -204,7 +223,7 @@ class Engine:
             done |= active & (nxt == tok.eos_id)
             drawing = active & (nxt == tok.boi_id)
             if drawing.any():
-                images = self._draw(cache, drawing, opts, gens, progress)
+                images = self._draw(cache, drawing, opts, gens, seeds, n_images, progress)
                 for i, img in zip(drawing.nonzero().flatten().tolist(), images):
                     outputs[i].append(img)
                 n_images += drawing.long()
@@ -213,19 +232,26 @@ class Engine:
                 break
         return outputs
 
-    def _draw(self, cache, rows, opts, gens, progress) -> Tensor:
+    def _draw(self, cache, rows, opts, gens, seeds, n_images, progress) -> Tensor:
         """Denoise one image for each row in `rows` (B,) bool, then commit it clean to the cache."""
         m, cfg = self.model, self.model.config.image
-        idx = rows.nonzero().flatten()
-        sigmas = m.objective.sigmas(opts.image_steps).to(m.device)
-        noise = torch.stack([
-            torch.randn(cfg.channels, cfg.resolution, cfg.resolution, generator=gens[i], device=m.device)
-            for i in idx.tolist()
-        ])
-        x = noise * sigmas[0].float()
-        denoiser = self.image_denoiser(cache.select(idx), opts.guidance)
-        images = SAMPLERS[opts.sampler](denoiser, x, sigmas, callback=progress).clamp(-1, 1)  # (R, C, H, W)
-        full = torch.zeros(len(rows), cfg.channels, cfg.resolution, cfg.resolution, device=m.device)
+        idx = rows.nonzero().flatten().tolist()
+        sigmas = make_sigmas(m.objective, opts.image_steps, opts.schedule, opts.shift).to(m.device)
+        shape = (cfg.channels, cfg.resolution, cfg.resolution)
+        x = torch.stack([torch.randn(shape, generator=gens[i], device=m.device) for i in idx]) * sigmas[0].float()
+        kwargs = {}
+        if opts.sampler in STOCHASTIC:
+            if opts.noise == "brownian":  # one path per row, seed and image index: batch-independent
+                path_seeds = [seeds[i] * 1_000_003 + int(n_images[i]) for i in idx]
+                kwargs["noise"] = BrownianTreeNoise(x, float(sigmas[-2]), float(sigmas[0]), path_seeds)
+            else:
+                kwargs["noise"] = iid_noise(x, [gens[i] for i in idx])
+            if opts.eta is not None:
+                kwargs["eta"] = opts.eta
+        self.step_cache = FirstBlockCache(opts.cache_threshold) if opts.cache_threshold else None
+        denoiser = self.image_denoiser(cache.select(rows.nonzero().flatten()), opts.guidance, self.step_cache)
+        images = SAMPLERS[opts.sampler](denoiser, x, sigmas, callback=progress, **kwargs).clamp(-1, 1)  # (R, C, H, W)
+        full = torch.zeros(len(rows), *shape, device=m.device)
         full[idx] = images
         tokens = m.image.embed(m.image.patchify(full.to(m.dtype)), full.new_zeros(len(rows)))  # clean pass
         self.extend(cache, tokens, rows, True)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mmgen.backbone import KVCache, LlamaModel
 from mmgen.config import ModelConfig
 from mmgen.diffusion.objective import Objective
+from mmgen.diffusion.step_cache import FirstBlockCache
 from mmgen.heads.patch import PatchHead
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
 
@@ -78,6 +79,7 @@ class MMGenModel(nn.Module):
         doc_id: Tensor,
         image_id: Tensor,
         cache: KVCache | None = None,
+        step_cache: FirstBlockCache | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Backbone over embeddings x (B, T, D); cached keys (if any) come first.
 
@@ -94,7 +96,7 @@ class MMGenModel(nn.Module):
             mask = attention_mask(doc_id, image_id, k_doc, k_img, offset=cache.length)
         else:
             mask = attention_mask(doc_id, image_id, doc_id, image_id)
-        return self.model(x, positions, mask, cache if cache is not None and cache.length else None)
+        return self.model(x, positions, mask, cache if cache is not None and cache.length else None, step_cache)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import digit
+from mmgen.diffusion.guidance import Guidance
 from mmgen.generation import Engine, GenerationOptions, sample_token
 
 
@@ -38,7 +39,7 @@ def test_cached_denoiser_and_clean_pass_equal_uncached(model, builder, tokenizer
     engine = Engine(model, builder)
     prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
     cache, _ = engine.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
-    denoiser = engine.image_denoiser(cache, guidance=1.0)
+    denoiser = engine.image_denoiser(cache, Guidance(scale=1.0))
     x0 = digit(3)[None]
     sigma = model.objective.sigma(torch.tensor([0.4]))[0]
     x_ve = x0 + sigma * torch.randn_like(x0)
@@ -126,3 +127,41 @@ def test_generation_stops_at_the_context_limit(model, builder, tokenizer):
     out = engine.generate([prompt], GenerationOptions(max_new_tokens=50), seed=0, force_image=True)
     assert all(isinstance(s, list) for s in out[0]), "no room for an image: none is drawn"
     assert sum(len(s) for s in out[0]) <= 5
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_every_sampler_draws_and_stochastic_ones_are_batch_independent(model, builder, tokenizer, sampler):
+    engine = Engine(model, builder)
+    opts = GenerationOptions(max_new_tokens=1, image_steps=4, sampler=sampler, eta=1.0, schedule="karras",
+                             guidance=Guidance(scale=2.0, kind="apg", eta=0.5))
+    prompts = [[tokenizer.encode("digit 1")], [tokenizer.encode("a handwritten digit 9")]]
+    batch = engine.generate(prompts, opts, seed=[3, 4], force_image=True)
+    alone = engine.generate(prompts[1:], opts, seed=[4], force_image=True)
+    assert batch[0][0].shape == (1, 8, 8) and torch.isfinite(batch[0][0]).all()
+    torch.testing.assert_close(batch[1][0], alone[0][0], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_first_block_cache_reuses_exactly_and_counts_hits(model, builder, tokenizer):
+    from mmgen.diffusion.step_cache import FirstBlockCache
+
+    engine = Engine(model, builder)
+    cache, _ = engine.prefill(builder([[tokenizer.encode("digit 3"), [tokenizer.boi_id]]], add_eos=False))
+    x, sigma = torch.randn(1, 1, 8, 8), torch.tensor(2.0, dtype=torch.float64)
+    plain = engine.image_denoiser(cache, Guidance(scale=2.0))(x, sigma)
+    fbc = FirstBlockCache(threshold=0.05)
+    d = engine.image_denoiser(cache, Guidance(scale=2.0), fbc)
+    first, again = d(x, sigma), d(x, sigma)  # same input: the second call is a hit
+    torch.testing.assert_close(first, plain)
+    torch.testing.assert_close(again, plain, atol=1e-6, rtol=1e-6)
+    assert (fbc.calls, fbc.hits) == (2, 1)
+    d(x * 3, sigma * 5)  # a different step: a miss
+    assert fbc.hits == 1 and fbc.hit_rate == pytest.approx(1 / 3)
+
+
+def test_generation_with_step_cache_reports_its_hit_rate(model, builder, tokenizer):
+    engine = Engine(model, builder)
+    opts = GenerationOptions(max_new_tokens=1, image_steps=10, cache_threshold=10.0)  # always reuse after step 1
+    out = engine.generate([[tokenizer.encode("digit 2")]], opts, force_image=True)
+    assert torch.isfinite(out[0][0]).all()
+    assert (engine.step_cache.calls, engine.step_cache.hits) == (10, 9)  # only the first step computes

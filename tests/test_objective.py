@@ -7,9 +7,10 @@ import torch
 
 from mmgen.diffusion.objective import MAX_SIGMA, Objective
 from mmgen.diffusion.samplers import sample_euler
+from mmgen.diffusion.schedules import uniform
 
 
-@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
 def test_perfect_prediction_recovers_x0(kind):
     obj = Objective(kind)
     x0, noise = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randn(5, 1, 8, 8, dtype=torch.float64)
@@ -18,13 +19,13 @@ def test_perfect_prediction_recovers_x0(kind):
     torch.testing.assert_close(obj.to_x0(x_t, target, t), x0)
 
 
-@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
 def test_sigma_and_t_are_inverse(kind):
     obj = Objective(kind)
     t = torch.linspace(0.0, 0.99, 50, dtype=torch.float64)
     torch.testing.assert_close(obj.t_from_sigma(obj.sigma(t)), t, atol=1e-7, rtol=0)
     a, s = obj.alpha_sigma(t)
-    if kind == "eps":
+    if kind != "flow":
         torch.testing.assert_close(a**2 + s**2, torch.ones_like(a))  # variance preserving
 
 
@@ -35,16 +36,16 @@ def test_cosine_schedule_endpoints():
     assert s[2] / a[2] == pytest.approx(MAX_SIGMA, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
 def test_sigmas_decrease_to_zero(kind):
-    sig = Objective(kind).sigmas(10)
+    sig = uniform(Objective(kind), 10)
     assert len(sig) == 11 and sig[-1] == 0 and (sig[:-1] > sig[1:]).all() and sig[0] <= MAX_SIGMA
 
 
 def test_euler_with_an_exact_denoiser_lands_on_the_data():
     """For data that is one point c, D(x, σ) = c exactly, and Euler reaches c from any noise."""
     c = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    sigmas = Objective("flow").sigmas(3)
+    sigmas = uniform(Objective("flow"), 3)
     x = torch.randn_like(c) * sigmas[0]
     torch.testing.assert_close(sample_euler(lambda x, s: c, x, sigmas), c)
 
@@ -61,3 +62,12 @@ def test_euler_on_a_gaussian_matches_the_exact_ode():
 def test_bad_objective():
     with pytest.raises(ValueError, match="eps"):
         Objective("x0")
+
+
+def test_v_target_is_the_velocity_of_the_vp_path():
+    obj = Objective("v")
+    x0, noise = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    _, v = obj.add_noise(x0, t, noise)
+    a, s = obj.alpha_sigma(t)
+    torch.testing.assert_close(v, a[:, None] * noise - s[:, None] * x0)

@@ -1,7 +1,10 @@
 """Samplers over a denoiser D(x, σ) -> x0, k-diffusion style: pure functions, one signature.
 
-Every sampler is `sample_x(denoiser, x, sigmas, callback=None) -> x`, where x starts as noise of
-scale sigmas[0] and sigmas ends at 0. Euler on this VE-form ODE is exactly DDIM with η = 0.
+Every sampler is `sample_x(denoiser, x, sigmas, callback=None, noise=None, **options) -> x`: x
+starts as noise of scale sigmas[0], sigmas decrease to 0, `callback` gets a dict after each
+step, `noise(σ, σ_next)` supplies unit Gaussian noise to the stochastic ones (i.i.d. or a
+Brownian tree, see `mmgen.diffusion.noise`). The VE form makes one implementation serve ε-,
+v- and flow models (flow time t maps to σ = t / (1 − t), x = x_t / (1 − t)).
 """
 
 from __future__ import annotations
@@ -13,26 +16,127 @@ from torch import Tensor
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
+NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+
+
+def _report(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "steps": len(sigmas) - 1, "sigma": sigmas[i], "x": x, "denoised": denoised})
+
+
+def _default_noise(x: Tensor) -> NoiseSampler:
+    return lambda sigma, sigma_next: torch.randn_like(x)
 
 
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None) -> Tensor:
-    """First-order ODE steps dx/dσ = (x − D(x, σ)) / σ (= DDIM, η = 0).
-
-    Args:
-        denoiser: D(x, σ) with σ a scalar tensor.
-        x: noise scaled by sigmas[0].
-        sigmas: decreasing noise levels ending in 0, (steps + 1,).
-        callback: called after every step with {"i", "steps", "sigma", "x", "denoised"}.
-    """
-    steps = len(sigmas) - 1
-    for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
-        x = denoised + (x - denoised) * (sigma_next / sigma)  # == x + (x − D)/σ · (σ_next − σ)
-        if callback is not None:
-            callback({"i": i, "steps": steps, "sigma": sigma, "x": x, "denoised": denoised})
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
+                 noise: NoiseSampler | None = None) -> Tensor:
+    """First-order ODE steps on dx/dσ = (x − D) / σ; identical to DDIM with η = 0."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i])
+        x = denoised + (x - denoised) * (sigmas[i + 1] / sigmas[i])
+        _report(callback, i, sigmas, x, denoised)
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "ddim": sample_euler}
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
+                noise: NoiseSampler | None = None) -> Tensor:
+    """Heun's second-order method (EDM, Algorithm 1 without churn); Euler on the last step to σ = 0."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma)
+        d = (x - denoised) / sigma
+        x_next = x + d * (sigma_next - sigma)
+        if sigma_next > 0:
+            d_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
+            x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
+        x = x_next
+        _report(callback, i, sigmas, x, denoised)
+    return x
+
+
+def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """(σ_down, σ_up) for a stochastic step: σ_up = η·σ'·sqrt(1 − σ'²/σ²), σ_down² = σ'² − σ_up².
+
+    In VE form this is exactly DDIM's σ_t(η) of Song et al. (2021), for any VP or flow schedule."""
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, sigma_next * 0
+    up = torch.clamp(eta * sigma_next * (1 - sigma_next**2 / sigma**2).sqrt(), max=sigma_next)
+    return (sigma_next**2 - up**2).sqrt(), up
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
+                noise: NoiseSampler | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM(η): deterministic at η = 0 (= Euler), DDPM-like ancestral sampling at η = 1."""
+    noise = noise or _default_noise(x)
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = denoised + (x - denoised) * (down / sigmas[i])
+        if up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * up
+        _report(callback, i, sigmas, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
+                    noise: NoiseSampler | None = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): exponential integrator in λ = −log σ with a second-order
+    multistep correction; first order on the first step and on the final step to σ = 0."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        _report(callback, i, sigmas, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
+                        noise: NoiseSampler | None = None, eta: float = 1.0) -> Tensor:
+    """DPM-Solver++(2M) SDE, midpoint variant; pair it with Brownian-tree noise so that samples
+    converge as the step count grows."""
+    noise = noise or _default_noise(x)
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            eta_h = eta * h
+            x = (sigma_next / sigma) * torch.exp(-eta_h) * x - torch.expm1(-h - eta_h) * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise(sigma, sigma_next) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
+            h_last = h
+        old_denoised = denoised
+        _report(callback, i, sigmas, x, denoised)
+    return x
+
+
+SAMPLERS = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}
+STOCHASTIC = {"ddim", "dpmpp_2m_sde"}
