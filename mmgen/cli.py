@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmgen.diffusion.samplers import SAMPLERS
+
 DEFAULT_RUN = "runs/digits-tiny"
 
 
@@ -15,8 +17,20 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_RUN, help=f"model directory (default: {DEFAULT_RUN}, made by `mmgen train`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="denoising steps per image")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", default="euler")
+    p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
+    p.add_argument("--schedule", default="uniform", choices=["uniform", "karras"])
+    p.add_argument("--shift", default="1.0", help="flow shift of the uniform schedule, or 'auto' (from the token count)")
+    p.add_argument("--eta", type=float, default=None, help="noise of ddim / dpmpp_2m_sde (default: theirs)")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale w (1 = off)")
+    p.add_argument("--guidance-kind", default="cfg", choices=["cfg", "apg"])
+    p.add_argument("--apg-eta", type=float, default=1.0, help="APG weight of the parallel component")
+    p.add_argument("--apg-norm", type=float, default=0.0, help="APG norm cap r (0 = none)")
+    p.add_argument("--apg-momentum", type=float, default=0.0, help="APG momentum β")
+    p.add_argument("--rescale", type=float, default=0.0, help="CFG rescale φ")
+    p.add_argument("--threshold", default=None, choices=["imagen", "mimic"], help="dynamic thresholding")
+    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="guide only for σ in this range")
+    p.add_argument("--cache-threshold", type=float, default=0.0, help="First Block Cache τ (0 = off)")
     p.add_argument("--temperature", type=float, default=None, help="text temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -25,7 +39,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _options(args, **overrides):
     from mmgen.generation import GenerationOptions
 
-    kw = dict(image_steps=args.steps, guidance=args.guidance, sampler=args.sampler, top_p=args.top_p, top_k=args.top_k)
+    from mmgen.diffusion.guidance import Guidance
+
+    guidance = Guidance(
+        scale=args.guidance, kind=args.guidance_kind, eta=args.apg_eta, norm_threshold=args.apg_norm,
+        momentum=args.apg_momentum, rescale=args.rescale, threshold=args.threshold,
+        interval=tuple(args.interval) if args.interval else None,
+    )
+    kw = dict(image_steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+              shift=args.shift if args.shift == "auto" else float(args.shift), eta=args.eta,
+              guidance=guidance, cache_threshold=args.cache_threshold, top_p=args.top_p, top_k=args.top_k)
     if args.temperature is not None:
         kw["temperature"] = args.temperature
     return GenerationOptions(**{**kw, **overrides})
@@ -67,7 +90,10 @@ def cmd_generate(args) -> None:
         images = pipe.draw([args.prompt] * args.n, _options(args), seed=args.seed, progress=tick)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.n == 1 or args.grid:
+    if args.n == 1:
+        to_pil(images[0], args.scale).save(out)
+        print(out)
+    elif args.grid:
         from mmgen.evaluation import save_grid
 
         save_grid(torch.stack(images)[None], out, scale=args.scale)

@@ -21,7 +21,7 @@ from mmgen.backbone import KVCache, pad_and_stack
 from mmgen.diffusion.guidance import Guidance
 from mmgen.diffusion.noise import BrownianTreeNoise, iid_noise
 from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
-from mmgen.diffusion.schedules import make_sigmas
+from mmgen.diffusion.schedules import make_sigmas, resolution_shift
 from mmgen.diffusion.step_cache import FirstBlockCache
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBatch, SequenceBuilder
@@ -49,7 +49,7 @@ class GenerationOptions:
     image_steps: int = 25
     sampler: str = "euler"
     schedule: str | Sequence[float] = "uniform"
-    shift: float = 1.0
+    shift: float | str = 1.0  # "auto": from the number of image tokens (SD3 / Flux dynamic shifting)
     eta: float | None = None
     noise: str = "brownian"
     guidance: float | Guidance = 3.0
@@ -61,6 +61,8 @@ class GenerationOptions:
             raise ValueError(f"invalid sampling options: {self}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose from {sorted(SAMPLERS)}")
+        if isinstance(self.shift, str) and self.shift != "auto":
+            raise ValueError(f"shift must be a number or 'auto', got {self.shift!r}")
         if self.noise not in ("brownian", "iid"):
             raise ValueError(f"noise must be 'brownian' or 'iid', got {self.noise!r}")
         if not isinstance(self.guidance, Guidance):
@@ -236,7 +238,8 @@ class Engine:
         """Denoise one image for each row in `rows` (B,) bool, then commit it clean to the cache."""
         m, cfg = self.model, self.model.config.image
         idx = rows.nonzero().flatten().tolist()
-        sigmas = make_sigmas(m.objective, opts.image_steps, opts.schedule, opts.shift).to(m.device)
+        shift = resolution_shift(cfg.tokens_per_image) if opts.shift == "auto" else float(opts.shift)
+        sigmas = make_sigmas(m.objective, opts.image_steps, opts.schedule, shift).to(m.device)
         shape = (cfg.channels, cfg.resolution, cfg.resolution)
         x = torch.stack([torch.randn(shape, generator=gens[i], device=m.device) for i in idx]) * sigmas[0].float()
         kwargs = {}

@@ -119,6 +119,10 @@ def test_bad_options():
         GenerationOptions(sampler="nope")
     with pytest.raises(ValueError, match="invalid sampling"):
         GenerationOptions(top_p=0)
+    with pytest.raises(ValueError, match="shift"):
+        GenerationOptions(shift="big")
+    with pytest.raises(ValueError, match="noise"):
+        GenerationOptions(noise="pink")
 
 
 def test_generation_stops_at_the_context_limit(model, builder, tokenizer):
@@ -132,7 +136,7 @@ def test_generation_stops_at_the_context_limit(model, builder, tokenizer):
 @pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_every_sampler_draws_and_stochastic_ones_are_batch_independent(model, builder, tokenizer, sampler):
     engine = Engine(model, builder)
-    opts = GenerationOptions(max_new_tokens=1, image_steps=4, sampler=sampler, eta=1.0, schedule="karras",
+    opts = GenerationOptions(max_new_tokens=1, image_steps=4, sampler=sampler, eta=1.0, shift="auto",
                              guidance=Guidance(scale=2.0, kind="apg", eta=0.5))
     prompts = [[tokenizer.encode("digit 1")], [tokenizer.encode("a handwritten digit 9")]]
     batch = engine.generate(prompts, opts, seed=[3, 4], force_image=True)

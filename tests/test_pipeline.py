@@ -73,3 +73,11 @@ def test_cli_train_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prompted_class_accuracy" in out and (tmp_path / "run" / "digits_grid.png").is_file()
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_cli_sampler_and_guidance_options(model_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    main(["generate", "digit 5", "--model", str(model_dir), "-o", str(out), "--steps", "4", "--sampler", "dpmpp_2m_sde",
+          "--schedule", "karras", "--guidance-kind", "apg", "--apg-eta", "0.5", "--apg-norm", "2", "--rescale", "0.5",
+          "--threshold", "imagen", "--interval", "0.1", "50", "--cache-threshold", "0.1"])
+    assert Image.open(capsys.readouterr().out.strip()).size == (64, 64)

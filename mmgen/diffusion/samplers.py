@@ -42,7 +42,11 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callba
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
                 noise: NoiseSampler | None = None) -> Tensor:
-    """Heun's second-order method (EDM, Algorithm 1 without churn); Euler on the last step to σ = 0."""
+    """Heun's second-order method (EDM, Algorithm 1 without churn); Euler on the last step to σ = 0.
+
+    Use it with a schedule that has no huge first step (Karras): on the uniform-t schedule of a flow
+    model (first σ = 999) the trapezoid amplifies the denoiser's error at the second point ~σ/2 times.
+    """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)

@@ -49,7 +49,7 @@ def given(sigmas: Sequence[float]) -> Tensor:
 
 
 def make_sigmas(objective: Objective, steps: int, schedule: str | Sequence[float] = "uniform",
-                shift: float = 1.0, sigma_min: float = 2e-3, sigma_max: float = MAX_SIGMA) -> Tensor:
+                shift: float = 1.0, sigma_min: float = 2e-3, sigma_max: float = 80.0) -> Tensor:
     """The σs for one sampling run.
 
     Args:
@@ -57,7 +57,7 @@ def make_sigmas(objective: Objective, steps: int, schedule: str | Sequence[float
         steps: number of denoiser evaluations for first-order samplers.
         schedule: "uniform", "karras", or an explicit decreasing list of σs.
         shift: flow shift for "uniform" (1 = none).
-        sigma_min, sigma_max: range for "karras".
+        sigma_min, sigma_max: range for "karras" (EDM's 0.002 and 80 by default).
     """
     if not isinstance(schedule, str):
         return given(schedule)
