@@ -180,8 +180,8 @@ class LlamaModel(nn.Module):
             positions: RoPE positions (B, T).
             mask: boolean attention mask (B, 1, T, S), S = cache length + T.
             cache: keys/values of earlier tokens, or None (the caller decides whether to keep the new ones).
-            step_cache: First Block Cache state across denoising steps; on a hit only the first
-                block runs and no keys/values are returned.
+            step_cache: First Block Cache state across denoising steps; when every row reuses its
+                cache only the first block runs and no keys/values are returned.
 
         Returns:
             final-normed hidden states (B, T, D) and per-layer keys/values over all S keys.
@@ -195,8 +195,23 @@ class LlamaModel(nn.Module):
             new_kv.append(kv)
             if i == 0 and step_cache is not None:
                 first_residual, after_first = x - x_in, x
-                if step_cache.reusable(first_residual):
-                    return self.norm(x + step_cache.rest), []
+                hit = step_cache.decide(first_residual)
+                if hit.any():  # rows that reuse skip the remaining blocks; the others run them alone
+                    rest = self._rest_with_reuse(x, first_residual, hit, cos, sin, mask, cache, step_cache)
+                    return self.norm(x + rest), []
         if step_cache is not None:
-            step_cache.store(first_residual, x - after_first)
+            step_cache.update(first_residual, x - after_first, hit)
         return self.norm(x), new_kv
+
+    def _rest_with_reuse(self, x, first_residual, hit, cos, sin, mask, cache, step_cache) -> Tensor:
+        """Residual of layers 1.. for every row: cached where `hit`, computed on the missing rows only."""
+        miss = (~hit).nonzero().flatten()
+        rest = step_cache.rest.clone()  # (B, T, D)
+        if len(miss):
+            h = x[miss]
+            for i, layer in enumerate(self.layers[1:], start=1):
+                past = (cache.keys[i][miss], cache.values[i][miss]) if cache is not None and cache.keys else None
+                h, _ = layer(h, cos[miss], sin[miss], mask[miss], past)
+            rest[miss] = h - x[miss]
+        step_cache.update(first_residual, rest, hit)
+        return rest

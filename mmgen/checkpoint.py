@@ -90,7 +90,8 @@ def load_hf_llama(model, directory: str | Path) -> None:
     hf_cfg = read_hf_config(d)
     ours = model.config.backbone
     for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias"):
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "rope_theta",
+              "rms_norm_eps", "qk_norm"):
         if getattr(hf_cfg, f) != getattr(ours, f):
             raise ValueError(f"HF checkpoint has {f}={getattr(hf_cfg, f)}, the model has {getattr(ours, f)}")
     if hf_cfg.vocab_size > ours.vocab_size:
@@ -108,6 +109,9 @@ def load_hf_llama(model, directory: str | Path) -> None:
     missing = [k for k in key_map if k not in state]
     if missing:
         raise ValueError(f"HF checkpoint in {d} lacks {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    unused = [k for k in state if k not in key_map and not k.endswith("rotary_emb.inv_freq")]
+    if unused:
+        raise ValueError(f"HF checkpoint in {d} has weights mmgen would drop: {unused[:5]}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for hf_name, name in key_map.items():

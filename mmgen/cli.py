@@ -86,7 +86,7 @@ def cmd_generate(args) -> None:
     from mmgen.pipeline import to_pil
 
     pipe = _load(args.model)
-    with _progress(args.n * args.steps, "denoise") as tick:
+    with _progress(args.steps, "denoise") as tick:  # the n images denoise together, one tick per step
         images = pipe.draw([args.prompt] * args.n, _options(args), seed=args.seed, progress=tick)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="train the tiny model on the bundled digits, then evaluate it")
     p.add_argument("--out", default=DEFAULT_RUN)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--objective", default="flow", choices=["eps", "flow"])
+    p.add_argument("--objective", default="flow", choices=["eps", "v", "flow"])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -54,6 +54,11 @@ class BackboneConfig:
         """Map a Hugging Face Llama/Qwen2-style `config.json` dict onto this config."""
         if hf.get("model_type") not in (None, "llama", "qwen2"):
             raise ValueError(f"unsupported model_type {hf.get('model_type')!r}: expected 'llama' (or 'qwen2')")
+        unsupported = [k for k in ("mlp_bias",) if hf.get(k)]
+        if hf.get("model_type", "llama") == "llama" and hf.get("attention_bias"):
+            unsupported.append("attention_bias (Llama's also puts a bias on o_proj)")
+        if unsupported:
+            raise ValueError(f"unsupported HF Llama options: {', '.join(unsupported)}")
         rope = hf.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
             raise ValueError("only default RoPE is supported; this checkpoint uses RoPE scaling")

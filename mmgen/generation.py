@@ -125,6 +125,7 @@ class Engine:
         image_id = torch.full((b, t), int(cache.image_id.max()) + 1 if image else -1, device=x.device)
         image_id = torch.where(doc >= 0, image_id, -1)
         positions = cache.next_position[:, None] + torch.arange(t, device=x.device)
+        positions = torch.where(doc >= 0, positions, 0)  # masked slots of finished rows take no position
         hidden, kv = self.model(x, positions, doc, image_id, cache)
         cache.keys, cache.values = [k for k, _ in kv], [v for _, v in kv]
         cache.doc_id = torch.cat([cache.doc_id, doc], 1)
@@ -199,11 +200,17 @@ class Engine:
         b, dev = len(prompts), m.device
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         force = [force_image] * b if isinstance(force_image, bool) else list(force_image)
+        max_pos = m.config.backbone.max_position_embeddings
+        image_room = m.config.image.tokens_per_image + 2  # <boi> image <eoi>
+        for i, f in enumerate(force):
+            if f and (int(cache.next_position[i]) + image_room > max_pos or opts.max_images < 1):
+                raise ValueError(
+                    f"prompt {i} is {int(cache.next_position[i])} tokens long: an image needs {image_room} more "
+                    f"positions (max_images={opts.max_images}) and the model holds {max_pos}; shorten the prompt"
+                )
         forced = torch.tensor([tok.boi_id if f else -1 for f in force], device=dev)
         n_images = torch.zeros(b, dtype=torch.long, device=dev)
         outputs: list[list] = [[] for _ in range(b)]
-        max_pos = m.config.backbone.max_position_embeddings
-        image_room = m.config.image.tokens_per_image + 2  # <boi> image <eoi>
         for _ in range(opts.max_new_tokens):
             done |= cache.next_position >= max_pos  # out of context: the row stops
             if done.all():
@@ -212,8 +219,7 @@ class Engine:
             logits[:, self.banned] = float("-inf")
             no_image = (n_images >= opts.max_images) | (cache.next_position + image_room > max_pos)
             logits[no_image, tok.boi_id] = float("-inf")
-            nxt = torch.where((forced >= 0) & ~no_image, forced, sample_token(logits, opts, gens))
-            nxt = torch.where(forced == tok.eoi_id, forced, nxt)
+            nxt = torch.where(forced >= 0, forced, sample_token(logits, opts, gens))
             forced.fill_(-1)
             active = ~done
             last = self.extend(cache, m.embed(nxt[:, None], nxt.new_full((b, 1), -1), None), active, False)[:, -1]

@@ -86,9 +86,10 @@ class MMGenModel(nn.Module):
         Returns hidden states (B, T, D) and per-layer keys/values over cache + chunk.
         """
         max_pos = self.config.backbone.max_position_embeddings
-        if positions.numel() and positions.max().item() >= max_pos:
+        real = positions[doc_id >= 0]
+        if real.numel() and real.max().item() >= max_pos:
             raise ValueError(
-                f"sequence reaches position {positions.max().item()}, over the model's maximum of {max_pos} tokens"
+                f"sequence reaches position {real.max().item()}, over the model's maximum of {max_pos} tokens"
             )
         if cache is not None and cache.length:
             k_doc = torch.cat([cache.doc_id, doc_id], 1)

@@ -3,6 +3,7 @@ caption images. The engine below works on ids only; this layer owns the tokenize
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -80,12 +81,12 @@ class Pipeline:
         progress: Callable[[dict], None] | None = None,
     ) -> list[Tensor]:
         """One image (C, H, W) in [-1, 1] per prompt."""
-        opts = GenerationOptions(**{**(options or GenerationOptions()).__dict__, "max_new_tokens": 1})
+        opts = dataclasses.replace(options or GenerationOptions(), max_new_tokens=1, max_images=1)
         rows = self.engine.generate([[p] for p in prompts], opts, seed=seed, force_image=True, progress=progress)
         return [row[0] for row in rows]
 
     def caption(self, images: Sequence[ImageLike], options: GenerationOptions | None = None, seed: int = 0) -> list[str]:
         """A caption per image (greedy by default)."""
-        opts = options or GenerationOptions(max_new_tokens=24, temperature=0, max_images=0)
+        opts = dataclasses.replace(options or GenerationOptions(max_new_tokens=24, temperature=0), max_images=0)
         rows = self.engine.generate([[self.image(im)] for im in images], opts, seed=seed)
         return [" ".join(self.tokenizer.decode(s) for s in row if isinstance(s, list)).strip() for row in rows]

@@ -85,3 +85,24 @@ def test_padding_query_is_never_nan():
     mask = attention_mask(doc, img, doc, img)
     assert mask.any(-1).all()
     assert not mask[0, 0, 1, 2] and not mask[0, 0, 3, 1]
+
+
+def test_hf_checkpoint_with_other_rope_theta_or_extra_weights_is_refused(tmp_path):
+    hf_tiny(tmp_path, True)
+    cfg = ModelConfig(backbone=read_hf_config(tmp_path))
+    cfg.backbone.rope_theta = 500_000.0
+    with pytest.raises(ValueError, match="rope_theta"):
+        load_hf_llama(MMGenModel(cfg), tmp_path)
+    with pytest.raises(ValueError, match="attention_bias"):
+        from mmgen.config import BackboneConfig
+
+        BackboneConfig.from_hf({**LlamaConfig(attention_bias=True).to_dict()})
+
+
+def test_hf_weights_that_would_be_dropped_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    hf_tiny(tmp_path, True)
+    save_file({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match="o_proj.bias"):
+        load_hf_llama(MMGenModel(ModelConfig(backbone=read_hf_config(tmp_path))), tmp_path)

@@ -91,6 +91,7 @@ def test_batched_sample_equals_sample_alone(model, builder, tokenizer):
             else:
                 assert x == y
     assert isinstance(batch[0][0], torch.Tensor) and batch[0][0].shape == (1, 8, 8)
+    assert (batch[0][0].abs() < 0.999).float().mean() > 0.5, "images must not be clamped flat, or the check is void"
 
 
 def test_max_new_tokens_and_no_image_when_disallowed(model, builder, tokenizer):
@@ -127,10 +128,12 @@ def test_bad_options():
 
 def test_generation_stops_at_the_context_limit(model, builder, tokenizer):
     engine = Engine(model, builder)
-    prompt = [(tokenizer.encode("seven") * 90)[:90]]  # 91 of 96 positions with <bos>
-    out = engine.generate([prompt], GenerationOptions(max_new_tokens=50), seed=0, force_image=True)
+    long = [(tokenizer.encode("seven") * 90)[:90]]  # 91 of 96 positions with <bos>
+    out = engine.generate([long, [tokenizer.encode("hi")]], GenerationOptions(max_new_tokens=50), seed=0)
     assert all(isinstance(s, list) for s in out[0]), "no room for an image: none is drawn"
-    assert sum(len(s) for s in out[0]) <= 5
+    assert sum(len(s) for s in out[0]) <= 5  # the long row stops; the short one goes on in the same batch
+    with pytest.raises(ValueError, match="an image needs 18 more positions"):
+        engine.generate([long], GenerationOptions(max_new_tokens=5), force_image=True)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
@@ -143,6 +146,7 @@ def test_every_sampler_draws_and_stochastic_ones_are_batch_independent(model, bu
     alone = engine.generate(prompts[1:], opts, seed=[4], force_image=True)
     assert batch[0][0].shape == (1, 8, 8) and torch.isfinite(batch[0][0]).all()
     torch.testing.assert_close(batch[1][0], alone[0][0], atol=1e-4, rtol=0)
+    assert (alone[0][0].abs() < 0.999).float().mean() > 0.5, "images must not be clamped flat, or the check is void"
 
 
 @torch.no_grad()
@@ -155,12 +159,33 @@ def test_first_block_cache_reuses_exactly_and_counts_hits(model, builder, tokeni
     plain = engine.image_denoiser(cache, Guidance(scale=2.0))(x, sigma)
     fbc = FirstBlockCache(threshold=0.05)
     d = engine.image_denoiser(cache, Guidance(scale=2.0), fbc)
-    first, again = d(x, sigma), d(x, sigma)  # same input: the second call is a hit
+    first, again = d(x, sigma), d(x, sigma)  # same input: the second call is a hit for both rows
     torch.testing.assert_close(first, plain)
     torch.testing.assert_close(again, plain, atol=1e-6, rtol=1e-6)
-    assert (fbc.calls, fbc.hits) == (2, 1)
+    assert (fbc.calls, fbc.skipped, fbc.row_hits) == (2, 1, 2)
     d(x * 3, sigma * 5)  # a different step: a miss
-    assert fbc.hits == 1 and fbc.hit_rate == pytest.approx(1 / 3)
+    assert fbc.skipped == 1 and fbc.skip_rate == pytest.approx(1 / 3)
+
+
+@torch.no_grad()
+def test_first_block_cache_decides_per_row(model, builder, tokenizer):
+    """A row's reuse decision, and so its output, must not depend on the other rows."""
+    from mmgen.diffusion.step_cache import FirstBlockCache
+
+    engine = Engine(model, builder)
+    prompt = builder([[tokenizer.encode("digit 3"), [tokenizer.boi_id]]] * 2, add_eos=False)
+    cache, _ = engine.prefill(prompt)
+    x = torch.randn(2, 1, 8, 8)
+    sigma = torch.tensor(2.0, dtype=torch.float64)
+    alone = engine.image_denoiser(cache.select(torch.tensor([0])), Guidance(scale=1.0), FirstBlockCache(0.05))
+    both = engine.image_denoiser(cache, Guidance(scale=1.0), FirstBlockCache(0.05))
+    alone(x[:1], sigma), both(x, sigma)
+    moved = x.clone()
+    moved[1] += 3.0  # row 1 changes a lot, row 0 not at all
+    out = both(moved, sigma)  # row 0 reuses, row 1 runs the remaining blocks alone
+    torch.testing.assert_close(out[:1], alone(x[:1], sigma), atol=1e-6, rtol=1e-6)
+    fresh = engine.image_denoiser(cache.select(torch.tensor([1])), Guidance(scale=1.0))(moved[1:], sigma)
+    torch.testing.assert_close(out[1:], fresh, atol=1e-5, rtol=1e-5)
 
 
 def test_generation_with_step_cache_reports_its_hit_rate(model, builder, tokenizer):
@@ -168,4 +193,5 @@ def test_generation_with_step_cache_reports_its_hit_rate(model, builder, tokeniz
     opts = GenerationOptions(max_new_tokens=1, image_steps=10, cache_threshold=10.0)  # always reuse after step 1
     out = engine.generate([[tokenizer.encode("digit 2")]], opts, force_image=True)
     assert torch.isfinite(out[0][0]).all()
-    assert (engine.step_cache.calls, engine.step_cache.hits) == (10, 9)  # only the first step computes
+    assert (engine.step_cache.calls, engine.step_cache.skipped) == (10, 9)  # only the first step computes
+    assert engine.step_cache.hit_rate == pytest.approx(18 / 20)  # two rows (CFG), both reuse from step 2

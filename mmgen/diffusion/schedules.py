@@ -16,14 +16,21 @@ from torch import Tensor
 
 from mmgen.diffusion.objective import MAX_SIGMA, Objective
 
+VP_SIGMA_MAX = 80.0  # first σ of the uniform schedule for ε- and v-models (EDM's σ_max)
+
 
 def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 def uniform(objective: Objective, steps: int, shift: float = 1.0) -> Tensor:
-    """`steps` σs uniform in t from 1 down (σ capped at MAX_SIGMA), then 0."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    """`steps` σs uniform in t from the objective's sampling start down, then 0.
+
+    Flow models start at t = 1 (σ capped at MAX_SIGMA: x0 = x_t − t·v is well conditioned there).
+    ε- and v-models start at σ = VP_SIGMA_MAX: at σ = 999 their x0 = (x_t − s·ε̂)/a would multiply
+    the error of ε̂ by 1/a ≈ 1000."""
+    t_max = 1.0 if objective.kind == "flow" else float(objective.t_from_sigma(torch.tensor(VP_SIGMA_MAX, dtype=torch.float64)))
+    t = torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)[:-1]
     t = shift * t / (1 + (shift - 1) * t)
     return _append_zero(objective.sigma(t).clamp(max=MAX_SIGMA))
 
