@@ -85,35 +85,20 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callbac
     return x
 
 
-@torch.no_grad()
 def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
                     noise: NoiseSampler | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): exponential integrator in λ = −log σ with a second-order
-    multistep correction; first order on the first step and on the final step to σ = 0."""
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = sigma.log() - sigma_next.log()
-            d = denoised
-            if old_denoised is not None:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-        _report(callback, i, sigmas, x, denoised)
-    return x
+    multistep correction; first order on the first step and on the final step to σ = 0. It is the
+    η = 0 case of `sample_dpmpp_2m_sde`: the midpoint correction −½(e^{−h} − 1)/r·(D − D_prev)
+    equals 2M's (1 + 1/2r)·D − (1/2r)·D_prev."""
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, callback, eta=0.0)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
                         noise: NoiseSampler | None = None, eta: float = 1.0) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant; pair it with Brownian-tree noise so that samples
-    converge as the step count grows."""
+    converge as the step count grows. η = 0 is the ODE solver DPM-Solver++(2M)."""
     noise = noise or _default_noise(x)
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
