@@ -202,11 +202,13 @@ class Engine:
         force = [force_image] * b if isinstance(force_image, bool) else list(force_image)
         max_pos = m.config.backbone.max_position_embeddings
         image_room = m.config.image.tokens_per_image + 2  # <boi> image <eoi>
+        if any(force) and opts.max_images < 1:
+            raise ValueError("force_image needs max_images >= 1")
         for i, f in enumerate(force):
-            if f and (int(cache.next_position[i]) + image_room > max_pos or opts.max_images < 1):
+            if f and int(cache.next_position[i]) + image_room > max_pos:
                 raise ValueError(
                     f"prompt {i} is {int(cache.next_position[i])} tokens long: an image needs {image_room} more "
-                    f"positions (max_images={opts.max_images}) and the model holds {max_pos}; shorten the prompt"
+                    f"positions and the model holds {max_pos}; shorten the prompt"
                 )
         forced = torch.tensor([tok.boi_id if f else -1 for f in force], device=dev)
         n_images = torch.zeros(b, dtype=torch.long, device=dev)

@@ -134,6 +134,8 @@ def test_generation_stops_at_the_context_limit(model, builder, tokenizer):
     assert sum(len(s) for s in out[0]) <= 5  # the long row stops; the short one goes on in the same batch
     with pytest.raises(ValueError, match="an image needs 18 more positions"):
         engine.generate([long], GenerationOptions(max_new_tokens=5), force_image=True)
+    with pytest.raises(ValueError, match="max_images"):
+        engine.generate([[tokenizer.encode("hi")]], GenerationOptions(max_images=0), force_image=True)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])

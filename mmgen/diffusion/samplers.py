@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mmgen.diffusion.noise import iid_noise
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
@@ -22,10 +24,6 @@ NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 def _report(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "steps": len(sigmas) - 1, "sigma": sigmas[i], "x": x, "denoised": denoised})
-
-
-def _default_noise(x: Tensor) -> NoiseSampler:
-    return lambda sigma, sigma_next: torch.randn_like(x)
 
 
 @torch.no_grad()
@@ -74,7 +72,7 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tenso
 def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
                 noise: NoiseSampler | None = None, eta: float = 0.0) -> Tensor:
     """DDIM(η): deterministic at η = 0 (= Euler), DDPM-like ancestral sampling at η = 1."""
-    noise = noise or _default_noise(x)
+    noise = noise or iid_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -99,7 +97,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback:
                         noise: NoiseSampler | None = None, eta: float = 1.0) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant; pair it with Brownian-tree noise so that samples
     converge as the step count grows. η = 0 is the ODE solver DPM-Solver++(2M)."""
-    noise = noise or _default_noise(x)
+    noise = noise or iid_noise(x)
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
