@@ -78,21 +78,125 @@ class BackboneConfig:
         )
 
 
-@dataclass
-class ImageConfig:
-    """Continuous image interface: raw pixels (or latents) cut into p×p patches."""
+IMAGE_TOKENIZER_KINDS = ("pixels", "vae", "vq", "hybrid", "diffusers")
+INTERFACES = ("diffusion", "discrete", "hybrid", "mar")
 
-    channels: int = 1
-    resolution: int = 8
-    patch_size: int = 2
+
+@dataclass
+class ImageTokenizerConfig:
+    """An image tokenizer: images (C, R, R) in [-1, 1] <-> tokens on a (R/f)×(R/f) grid.
+
+    kind:
+        "pixels":    the identity (latents are the pixels; f = 1).
+        "vae":       convolutional KL autoencoder, continuous latents.
+        "vq":        convolutional VQ autoencoder, one code per grid cell.
+        "hybrid":    HART: codes plus the continuous residual latent − dequantize(codes).
+        "diffusers": a diffusers `AutoencoderKL` loaded from the local directory `path`.
+    Continuous latents are handed to the model as (latent − latent_shift)·latent_scale, both
+    computed from data when the tokenizer is trained (SD's 0.18215 plays the role of latent_scale).
+    """
+
+    kind: str = "pixels"
+    channels: int = 1  # image channels (1 grey, 3 RGB)
+    resolution: int = 8  # image side in pixels
+    latent_channels: int = 1
+    downsample: int = 1  # f: pixels per latent cell along each side
+    codebook_size: int = 0  # K, for "vq" and "hybrid"
+    width: int = 64  # channels of the first conv stage; doubled at each downsampling
+    res_blocks: int = 1  # residual blocks per stage
+    latent_shift: float = 0.0
+    latent_scale: float = 1.0
+    path: str | None = None  # "diffusers": local directory of the AutoencoderKL
 
     def __post_init__(self) -> None:
-        if self.resolution % self.patch_size:
-            raise ValueError(f"resolution={self.resolution} is not divisible by patch_size={self.patch_size}")
+        if self.kind not in IMAGE_TOKENIZER_KINDS:
+            raise ValueError(f"unknown image tokenizer kind {self.kind!r}; choose from {IMAGE_TOKENIZER_KINDS}")
+        if self.resolution % self.downsample:
+            raise ValueError(f"resolution={self.resolution} is not divisible by downsample={self.downsample}")
+        if self.kind == "pixels" and (self.downsample != 1 or self.latent_channels != self.channels):
+            raise ValueError("the 'pixels' tokenizer has downsample=1 and latent_channels=channels")
+        if self.kind in ("vq", "hybrid") and self.codebook_size < 2:
+            raise ValueError(f"a {self.kind!r} tokenizer needs codebook_size >= 2, got {self.codebook_size}")
+        if self.kind in ("pixels", "vae", "diffusers") and self.codebook_size:
+            raise ValueError(f"a {self.kind!r} tokenizer is continuous: codebook_size must be 0")
 
     @property
     def grid(self) -> int:
-        return self.resolution // self.patch_size
+        """Latent cells along each side."""
+        return self.resolution // self.downsample
+
+    @property
+    def discrete(self) -> bool:
+        return self.codebook_size > 0
+
+
+@dataclass
+class HeadConfig:
+    """Per-token MLP diffusion head (MAR / HART): residual MLP blocks with adaptive LayerNorm."""
+
+    width: int = 256
+    depth: int = 3  # residual blocks
+    objective: str = "flow"
+    repeat: int = 4  # noise levels drawn per token per training step (MAR's diffusion_batch_mul)
+    steps: int = 8  # default sampling steps (HART uses 8)
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("eps", "v", "flow"):
+            raise ValueError(f"head objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
+
+
+@dataclass
+class ImageConfig:
+    """How images meet the backbone.
+
+    interface:
+        "diffusion": Transfusion. Continuous latents, p×p patches denoised inside the backbone with
+                     bidirectional attention within each image.
+        "discrete":  Chameleon. VQ codes predicted as next tokens, raster order, causal.
+        "hybrid":    HART. Codes as next tokens, plus each token's continuous residual sampled by the
+                     per-token MLP head from the hidden state that predicted the code.
+        "mar":       continuous tokens predicted one after another, each sampled by the MLP head.
+    """
+
+    interface: str = "diffusion"
+    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    patch_size: int = 2  # latent cells per token along each side ("diffusion" and "mar")
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokenizer, dict):
+            self.tokenizer = _from_dict(ImageTokenizerConfig, self.tokenizer, "image.tokenizer")
+        if isinstance(self.head, dict):
+            self.head = _from_dict(HeadConfig, self.head, "image.head")
+        if self.interface not in INTERFACES:
+            raise ValueError(f"unknown image interface {self.interface!r}; choose from {INTERFACES}")
+        needs_codes = self.interface in ("discrete", "hybrid")
+        if needs_codes != self.tokenizer.discrete:
+            raise ValueError(
+                f"the {self.interface!r} interface needs a "
+                f"{'discrete (vq or hybrid)' if needs_codes else 'continuous (pixels, vae or diffusers)'} "
+                f"image tokenizer, got kind={self.tokenizer.kind!r}"
+            )
+        if self.interface == "hybrid" and self.tokenizer.kind != "hybrid":
+            raise ValueError("the 'hybrid' interface needs a 'hybrid' tokenizer (codes plus residual)")
+        if needs_codes and self.patch_size != 1:
+            raise ValueError(f"the {self.interface!r} interface predicts one code per token: set patch_size=1")
+        if self.tokenizer.grid % self.patch_size:
+            raise ValueError(f"latent grid {self.tokenizer.grid} is not divisible by patch_size={self.patch_size}")
+
+    @property
+    def channels(self) -> int:
+        return self.tokenizer.channels
+
+    @property
+    def resolution(self) -> int:
+        return self.tokenizer.resolution
+
+    @property
+    def grid(self) -> int:
+        """Tokens along each side of an image."""
+        return self.tokenizer.grid // self.patch_size
 
     @property
     def tokens_per_image(self) -> int:
@@ -100,7 +204,21 @@ class ImageConfig:
 
     @property
     def patch_dim(self) -> int:
-        return self.channels * self.patch_size**2
+        """Continuous values per token: latent channels × p × p."""
+        return self.tokenizer.latent_channels * self.patch_size**2
+
+    @property
+    def causal(self) -> bool:
+        """Image tokens are predicted one after another (causal attention inside the image)."""
+        return self.interface != "diffusion"
+
+
+def _from_dict(klass, d: dict[str, Any], section: str):
+    names = {f.name for f in dataclasses.fields(klass)}
+    bad = set(d) - names
+    if bad:
+        raise ValueError(f"unknown keys {sorted(bad)} in config section {section!r}; valid keys: {sorted(names)}")
+    return klass(**d)
 
 
 @dataclass
@@ -132,15 +250,7 @@ class ModelConfig:
         unknown = set(d) - set(parts)
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
-        kwargs = {}
-        for name, klass in parts.items():
-            sub = dict(d.get(name, {}))
-            names = {f.name for f in dataclasses.fields(klass)}
-            bad = set(sub) - names
-            if bad:
-                raise ValueError(f"unknown keys {sorted(bad)} in config section {name!r}; valid keys: {sorted(names)}")
-            kwargs[name] = klass(**sub)
-        return cls(**kwargs)
+        return cls(**{name: _from_dict(klass, dict(d.get(name, {})), name) for name, klass in parts.items()})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -150,33 +260,33 @@ class ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def tiny(**image: Any) -> ModelConfig:
+def tiny(image: ImageConfig | None = None) -> ModelConfig:
     """~3M parameters: trains on the bundled 8×8 digits in minutes on a laptop CPU."""
     return ModelConfig(
         backbone=BackboneConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
-        image=ImageConfig(**image),
+        image=image or ImageConfig(),
     )
 
 
-def small(**image: Any) -> ModelConfig:
+def small(image: ImageConfig | None = None) -> ModelConfig:
     """~25M parameters."""
     return ModelConfig(
         backbone=BackboneConfig(
             hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=4, max_position_embeddings=1024,
         ),
-        image=ImageConfig(**image),
+        image=image or ImageConfig(),
     )
 
 
-def base(**image: Any) -> ModelConfig:
+def base(image: ImageConfig | None = None) -> ModelConfig:
     """~160M parameters: a GPU preset."""
     return ModelConfig(
         backbone=BackboneConfig(
             hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
             num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32_000,
         ),
-        image=ImageConfig(**image),
+        image=image or ImageConfig(),
     )
 
 

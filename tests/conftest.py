@@ -22,7 +22,7 @@ def tokenizer() -> TextTokenizer:
 def micro_config(vocab_size: int, objective: str = "eps", **backbone) -> ModelConfig:
     bb = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
-    cfg = ModelConfig(backbone=BackboneConfig(**{**bb, **backbone}), image=ImageConfig(1, 8, 2))
+    cfg = ModelConfig(backbone=BackboneConfig(**{**bb, **backbone}), image=ImageConfig())
     cfg.diffusion.objective = objective
     return cfg
 

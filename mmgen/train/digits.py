@@ -33,7 +33,7 @@ def train_digits(
     torch.manual_seed(opts.seed)
     pairs = DigitsDataset("train")
     tokenizer = TextTokenizer.train(corpus(pairs), vocab_size=512)
-    cfg = PRESETS[preset](channels=1, resolution=8, patch_size=2)
+    cfg = PRESETS[preset]()
     cfg.backbone.vocab_size = len(tokenizer)
     cfg.diffusion.objective = objective
     model = MMGenModel(cfg)
