@@ -74,7 +74,7 @@ def cmd_train(args) -> None:
     print(f"training the {args.preset} preset on the bundled digits for {opts.steps} steps -> {args.out}")
     model, tokenizer, log = train_digits(args.out, args.preset, args.objective, opts)
     print(f"trained {model.num_parameters() / 1e6:.2f}M parameters in {log[-1]['train_seconds']:.0f} s; "
-          f"final loss {log[-1]['loss']:.4f} (lm {log[-1]['lm']:.4f}, diffusion {log[-1]['diffusion']:.4f})")
+          f"final loss {log[-1]['loss']:.4f} (lm {log[-1]['lm']:.4f}, image {log[-1]['image']:.4f})")
     results = evaluate_digits(args.out, args.eval_per_digit, grid=Path(args.out) / "digits_grid.png")
     (Path(args.out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

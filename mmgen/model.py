@@ -105,11 +105,15 @@ class MMGenModel(nn.Module):
     # -- training --------------------------------------------------------------------------------
 
     def loss(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """L = L_LM + λ·L_diffusion on one batch (DESIGN §4).
+        """L = L_LM + λ·L_image on one batch (DESIGN §4).
 
-        The noise time is drawn per image, capped for images that precede their text. Returns
-        {"loss", "lm", "diffusion", "z"}; "lm" is the mean over labelled tokens, "diffusion" the mean
-        squared error over image elements.
+        Returns differentiable sums and their counts, so a data-parallel trainer can normalize by
+        global counts (total = lm_sum / Σtokens + image_sum / Σimages), and the local means:
+            loss:      lm_sum / tokens + image_sum / images (differentiable)
+            lm_sum:    Σ over labelled tokens of cross-entropy (+ z_loss · z²)
+            image_sum: Σ over images of λ · that image's loss
+            tokens, images: the counts (int64 scalars)
+            lm, image, z: detached means, for logging
         """
         cfg = self.config.diffusion
         images = batch.images.to(self.dtype)
@@ -127,17 +131,24 @@ class MMGenModel(nn.Module):
 
         labelled = batch.labels != IGNORE
         logits = self.logits(hidden[labelled]).float()  # (M, V)
-        zero = hidden.new_zeros(())
-        lm = F.cross_entropy(logits, batch.labels[labelled]) if labelled.any() else zero
-        z = logits.logsumexp(-1).pow(2).mean() if labelled.any() else zero
+        ce = F.cross_entropy(logits, batch.labels[labelled], reduction="none")  # (M,)
+        z = logits.logsumexp(-1).pow(2)  # (M,)
+        lm_sum = (ce + cfg.z_loss * z).sum()
         if n:
             l = self.config.image.tokens_per_image
             pred = self.image.predict(hidden[batch.image_id >= 0].view(n, l, -1))  # (N, L, P)
-            diffusion = F.mse_loss(pred.float(), self.image.patchify(target).float())
+            per_image = (pred.float() - self.image.patchify(target).float()).pow(2).mean((1, 2))  # (N,)
         else:
-            diffusion = zero
-        total = lm + cfg.loss_weight * diffusion + cfg.z_loss * z
-        return {"loss": total, "lm": lm.detach(), "diffusion": diffusion.detach(), "z": z.detach()}
+            per_image = hidden.new_zeros(0)
+        image_sum = cfg.loss_weight * per_image.sum()
+        tokens_n, images_n = labelled.sum(), torch.tensor(n, device=hidden.device)
+        total = lm_sum / tokens_n.clamp(min=1) + image_sum / images_n.clamp(min=1)
+        return {
+            "loss": total, "lm_sum": lm_sum, "image_sum": image_sum, "tokens": tokens_n, "images": images_n,
+            "lm": (ce.sum() / tokens_n.clamp(min=1)).detach(),
+            "image": (per_image.sum() / images_n.clamp(min=1)).detach(),
+            "z": (z.sum() / tokens_n.clamp(min=1)).detach(),
+        }
 
     # -- persistence (see mmgen.checkpoint) ------------------------------------------------------
 

@@ -46,7 +46,7 @@ def test_lm_loss_is_the_mean_over_labelled_text(model, builder):
 
 def test_text_only_batches_work(model, builder):
     out = model.loss(builder([["just some words"]]))
-    assert out["diffusion"].item() == 0 and out["lm"].item() > 0
+    assert out["image"].item() == 0 and out["lm"].item() > 0
 
 
 def test_training_reduces_both_losses(model, builder):
@@ -54,7 +54,7 @@ def test_training_reduces_both_losses(model, builder):
     log = train(model, builder, samples, TrainOptions(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, log_every=20),
                 show_progress=False)
     assert log[-1]["lm"] < log[0]["lm"] * 0.8
-    assert log[-1]["diffusion"] < log[0]["diffusion"]
+    assert log[-1]["image"] < log[0]["image"]
     assert not model.training
 
 

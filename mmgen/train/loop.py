@@ -98,7 +98,7 @@ def train(
             if ema is not None:
                 ema.update(model)
             step += 1
-            for k in ("loss", "lm", "diffusion"):
+            for k in ("loss", "lm", "image"):
                 sums[k] = sums.get(k, 0.0) + out[k].item()
             if step % opts.log_every == 0 or step == opts.steps:
                 n = step - (log[-1]["step"] if log else 0)
@@ -107,7 +107,7 @@ def train(
                        "seconds": time.perf_counter() - start}
                 log.append(row)
                 sums = {}
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm']:.3f}", diff=f"{row['diffusion']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm']:.3f}", image=f"{row['image']:.3f}")
             bar.update(1)
         epoch += 1
     bar.close()
