@@ -1,7 +1,8 @@
-"""The unified model: token embeddings + continuous image head + LLaMA backbone + LM head; losses.
+"""The unified model: token embeddings + image interface + LLaMA backbone + LM head; losses.
 
 Top-level parameter names are Hugging Face's (`model.layers.*`, `lm_head.weight`), so an HF Llama
-checkpoint fills the backbone directly; the image head lives under `image.*`.
+checkpoint fills the backbone directly. The image interface (`mmgen.interfaces`, chosen by
+`config.image.interface`) lives under `image.*`; the frozen image tokenizer under `image_tokenizer.*`.
 
 Shapes: B batch, T tokens, D hidden, N images in the batch, L tokens per image, P patch dim, V vocab.
 """
@@ -16,26 +17,50 @@ from torch import Tensor, nn
 
 from mmgen.backbone import KVCache, LlamaModel
 from mmgen.config import ModelConfig
+import dataclasses
+
 from mmgen.diffusion.objective import Objective
 from mmgen.diffusion.step_cache import FirstBlockCache
-from mmgen.heads.patch import PatchHead
+from mmgen.interfaces import INTERFACES
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
+from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
 
 
 class MMGenModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Args:
+        config: the whole model (backbone, image interface and tokenizer, diffusion objective).
+        image_tokenizer: a trained image tokenizer whose config equals `config.image.tokenizer`
+            (see `mmgen.tokenizers.image.load_image_tokenizer`); by default a fresh one is built
+            from the config (the identity for "pixels"; trained weights then come from a checkpoint).
+    """
+
+    def __init__(self, config: ModelConfig, image_tokenizer: ImageTokenizer | None = None):
         super().__init__()
         self.config = config
         bb = config.backbone
         self.model = LlamaModel(bb)
         self.lm_head = nn.Linear(bb.hidden_size, bb.vocab_size, bias=False)
-        self.image = PatchHead(config.image, bb.hidden_size)
-        self.objective = Objective(config.diffusion.objective)
+        self.image = INTERFACES[config.image.interface](config)
         self.apply(self._init_weights)
-        nn.init.zeros_(self.image.proj_out.weight)  # start by predicting zeros (DiT-style)
-        nn.init.zeros_(self.image.proj_out.bias)
+        self.image.init_weights()  # interface-specific: zero outputs, the MLP head's adaLN-Zero
         if bb.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if image_tokenizer is None:
+            image_tokenizer = build_image_tokenizer(config.image.tokenizer)
+        elif image_tokenizer.config != config.image.tokenizer:
+            a, b = dataclasses.asdict(image_tokenizer.config), dataclasses.asdict(config.image.tokenizer)
+            diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+            raise ValueError(
+                "the image tokenizer does not match the model's configuration "
+                f"(field: (tokenizer, model config)) {diff}; build the config with "
+                "ImageConfig(tokenizer=image_tokenizer.config, ...)"
+            )
+        self.image_tokenizer = image_tokenizer.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> MMGenModel:
+        super().train(mode)
+        self.image_tokenizer.eval()  # frozen: never in training mode (no codebook updates)
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.backbone.initializer_range
@@ -52,8 +77,30 @@ class MMGenModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+    @property
+    def objective(self) -> Objective:
+        """The in-backbone diffusion objective (the "diffusion" interface only)."""
+        if not hasattr(self.image, "objective"):
+            raise AttributeError(f"the {self.config.image.interface!r} interface has no in-backbone diffusion")
+        return self.image.objective
+
+    # -- images <-> tokens -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> ImageTokens:
+        """Pixels (N, C, H, W) in [-1, 1] -> image tokens, through the frozen tokenizer."""
+        if len(images) == 0:
+            return ImageTokens()
+        return self.image_tokenizer.encode(images)
+
+    @torch.no_grad()
+    def decode_images(self, tokens: ImageTokens) -> Tensor:
+        """Image tokens -> pixels (N, C, H, W) in [-1, 1]."""
+        return self.image_tokenizer.decode(tokens).float().clamp(-1, 1)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -91,12 +138,15 @@ class MMGenModel(nn.Module):
             raise ValueError(
                 f"sequence reaches position {real.max().item()}, over the model's maximum of {max_pos} tokens"
             )
+        causal = self.config.image.causal  # causal interfaces: images attend like text
+        q_img = torch.full_like(image_id, -1) if causal else image_id
         if cache is not None and cache.length:
             k_doc = torch.cat([cache.doc_id, doc_id], 1)
             k_img = torch.cat([cache.image_id, image_id], 1)
-            mask = attention_mask(doc_id, image_id, k_doc, k_img, offset=cache.length)
+            k_img = torch.full_like(k_img, -1) if causal else k_img
+            mask = attention_mask(doc_id, q_img, k_doc, k_img, offset=cache.length)
         else:
-            mask = attention_mask(doc_id, image_id, doc_id, image_id)
+            mask = attention_mask(doc_id, q_img, doc_id, q_img)
         return self.model(x, positions, mask, cache if cache is not None and cache.length else None, step_cache)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -111,22 +161,17 @@ class MMGenModel(nn.Module):
         global counts (total = lm_sum / Σtokens + image_sum / Σimages), and the local means:
             loss:      lm_sum / tokens + image_sum / images (differentiable)
             lm_sum:    Σ over labelled tokens of cross-entropy (+ z_loss · z²)
-            image_sum: Σ over images of λ · that image's loss
+            image_sum: Σ over images of that image's weighted loss (λ·MSE for diffusion)
             tokens, images: the counts (int64 scalars)
             lm, image, z: detached means, for logging
         """
         cfg = self.config.diffusion
-        images = batch.images.to(self.dtype)
-        n = images.shape[0]
+        n = batch.images.shape[0]
+        inputs, ctx = None, None
         if n:
-            t = torch.rand(n, generator=generator, device=images.device)
-            t = torch.where(batch.image_conditions, t * cfg.max_t_when_conditioning, t)
-            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-            x_t, target = self.objective.add_noise(images, t, noise)
-            tokens = self.image.embed(self.image.patchify(x_t), t)  # (N, L, D)
-        else:
-            tokens = None
-        x = self.embed(batch.ids, batch.image_id, tokens)
+            tokens = self.encode_images(batch.images.to(self.device))
+            inputs, ctx = self.image.train_inputs(tokens, batch.image_conditions, generator)  # (N, L, D)
+        x = self.embed(batch.ids, batch.image_id, inputs)
         hidden, _ = self(x, batch.positions, batch.doc_id, batch.image_id)
 
         labelled = batch.labels != IGNORE
@@ -135,12 +180,14 @@ class MMGenModel(nn.Module):
         z = logits.logsumexp(-1).pow(2)  # (M,)
         lm_sum = (ce + cfg.z_loss * z).sum()
         if n:
-            l = self.config.image.tokens_per_image
-            pred = self.image.predict(hidden[batch.image_id >= 0].view(n, l, -1))  # (N, L, P)
-            per_image = (pred.float() - self.image.patchify(target).float()).pow(2).mean((1, 2))  # (N,)
+            slots = batch.image_id >= 0
+            before = torch.zeros_like(slots)
+            before[:, :-1] = slots[:, 1:]  # <boi> and slots 0..L-2: the positions that predict slots
+            size = (n, self.config.image.tokens_per_image, hidden.shape[-1])
+            per_image = self.image.loss(ctx, hidden[slots].view(size), hidden[before].view(size), generator)  # (N,)
         else:
             per_image = hidden.new_zeros(0)
-        image_sum = cfg.loss_weight * per_image.sum()
+        image_sum = per_image.sum()  # interfaces weight their own losses (λ for diffusion)
         tokens_n, images_n = labelled.sum(), torch.tensor(n, device=hidden.device)
         total = lm_sum / tokens_n.clamp(min=1) + image_sum / images_n.clamp(min=1)
         return {

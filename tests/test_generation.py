@@ -12,7 +12,7 @@ def full_forward(model, builder, segments, t_image=0.0, noisy=None):
     """Uncached reference: one forward over the whole sequence (images at noise time t_image)."""
     b = builder([segments], add_eos=False)
     images = b.images if noisy is None else noisy
-    tokens = model.image.embed(model.image.patchify(images), torch.full((len(images),), t_image)) if len(images) else None
+    tokens = model.image.embed_patches(model.image.patchify(images), torch.full((len(images),), t_image)) if len(images) else None
     h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
     return b, h
 
@@ -53,7 +53,7 @@ def test_cached_denoiser_and_clean_pass_equal_uncached(model, builder, tokenizer
     pred = model.image.unpatchify(model.image.predict(h[0, slots][None]))
     torch.testing.assert_close(got, model.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
     # the clean pass, then <eoi> and text: logits equal the uncached forward with the clean image
-    tokens = model.image.embed(model.image.patchify(x0), torch.zeros(1))
+    tokens = model.image.embed_patches(model.image.patchify(x0), torch.zeros(1))
     engine.extend(cache, tokens, torch.tensor([True]), True)
     logits = []
     for tid in [tokenizer.eoi_id] + after:

@@ -1,0 +1,49 @@
+"""Continuous tokens predicted one after another (MAR's per-token head on a causal backbone).
+
+Each token is a p×p latent patch (P values). The backbone embeds clean tokens with a linear
+layer; the hidden state at slot i − 1 (`<boi>` for the first) conditions the MLP diffusion head
+that models token i. Drawing runs the head once per token, then feeds the token back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmgen.config import ModelConfig
+from mmgen.heads.mlp import MLPHead
+from mmgen.interfaces.base import ImageInterface
+from mmgen.tokenizers.image import ImageTokens
+
+
+class MARInterface(ImageInterface):
+    causal = True
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.proj_in = nn.Linear(self.cfg.patch_dim, self.hidden_size)
+        self.head = MLPHead(self.cfg.patch_dim, self.hidden_size, self.cfg.head)
+
+    def embed(self, tokens: ImageTokens) -> Tensor:
+        return self.proj_in(self.patchify(tokens.latents.to(self.proj_in.weight.dtype)))  # (N, L, D)
+
+    def train_inputs(self, tokens: ImageTokens, conditions: Tensor, generator=None):
+        return self.embed(tokens), self.patchify(tokens.latents)
+
+    def loss(self, patches: Tensor, slots: Tensor, prev: Tensor, generator=None) -> Tensor:
+        n, l, d = prev.shape
+        per_token = self.head.loss(patches.reshape(n * l, -1), prev.reshape(n * l, d), generator)  # (N·L,)
+        return self.cfg.head.loss_weight * per_token.view(n, l).mean(1)
+
+    def sample_token(self, prev, prev_uncond, codes, opts, generators) -> ImageTokens:
+        patch = self.head.sample(
+            prev, opts.image_steps or self.cfg.head.steps, opts.guidance, opts.image_temperature,
+            prev_uncond, generators, opts.sampler,
+        )  # (R, P)
+        return ImageTokens(latents=patch)
+
+    def embed_token(self, step: ImageTokens) -> Tensor:
+        return self.proj_in(step.latents.to(self.proj_in.weight.dtype))[:, None]  # (R, 1, D)
+
+    def assemble(self, steps: list[ImageTokens]) -> ImageTokens:
+        return ImageTokens(latents=self.unpatchify(torch.stack([s.latents for s in steps], 1)))
