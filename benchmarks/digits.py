@@ -28,11 +28,14 @@ def main() -> None:
     p.add_argument("--model", help="evaluate this model directory instead of training one")
     p.add_argument("--out", default="runs/digits-tiny")
     p.add_argument("--objective", default="flow", choices=["eps", "flow"])
+    p.add_argument("--interface", default="diffusion", choices=["diffusion", "discrete", "hybrid", "mar"])
+    p.add_argument("--image-tokenizer", help="trained image tokenizer directory (discrete and hybrid need one)")
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--per-digit", type=int, default=20)
     p.add_argument("--grid", default="docs/digits_grid.png")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
-    p.add_argument("--image-steps", type=int, nargs="+", default=[25])
+    p.add_argument("--image-steps", type=int, nargs="+", default=[None],
+                   help="denoising steps (default: 25 in the backbone, the MLP head's own for hybrid/mar)")
     args = p.parse_args()
     torch.set_num_threads(2)
 
@@ -40,7 +43,8 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         start = time.perf_counter()
-        _, _, log = train_digits(args.out, objective=args.objective, opts=TrainOptions(steps=args.train_steps))
+        _, _, log = train_digits(args.out, objective=args.objective, opts=TrainOptions(steps=args.train_steps),
+                                 interface=args.interface, image_tokenizer=args.image_tokenizer)
         minutes = (time.perf_counter() - start) / 60
         print(f"trained {args.train_steps} steps in {minutes:.1f} min; last log row: {json.dumps(log[-1])}")
         model_dir = args.out

@@ -119,6 +119,8 @@ class Engine:
                          self.tok.boi_id, self.tok.eoi_id)
             if cfg.image.tokenizer.discrete else None
         )
+        if self.grammar is not None:  # the grammar owns <eoi>: the only legal token once an image is complete
+            self.banned.remove(self.tok.eoi_id)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits (B, V), or (B, V + K) over [text | codes] when images are codes."""
