@@ -36,8 +36,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--image-steps", type=int, nargs="+", default=[None],
                    help="denoising steps (default: 25 in the backbone, the MLP head's own for hybrid/mar)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 when other jobs share the cores)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     model_dir = args.model

@@ -1,4 +1,4 @@
-"""`mmgen train | generate | caption`: the command-line entry points."""
+"""`mmgen train | generate | caption | train-tokenizer | compare-tokenizers`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ DEFAULT_RUN = "runs/digits-tiny"
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_RUN, help=f"model directory (default: {DEFAULT_RUN}, made by `mmgen train`)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps per image")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: 25 in the backbone; the MLP head's own per token for hybrid/mar)")
+    p.add_argument("--image-temperature", type=float, default=1.0,
+                   help="codes: sampling temperature; MLP head: scale of its starting noise")
+    p.add_argument("--image-top-k", type=int, default=0, help="codes: top-k (0 = off)")
     p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
     p.add_argument("--schedule", default="uniform", choices=["uniform", "karras"])
     p.add_argument("--shift", default="1.0", help="flow shift of the uniform schedule, or 'auto' (from the token count)")
@@ -46,7 +50,8 @@ def _options(args, **overrides):
         momentum=args.apg_momentum, rescale=args.rescale, threshold=args.threshold,
         interval=tuple(args.interval) if args.interval else None,
     )
-    kw = dict(image_steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+    kw = dict(image_steps=args.steps, image_temperature=args.image_temperature, image_top_k=args.image_top_k,
+              sampler=args.sampler, schedule=args.schedule,
               shift=args.shift if args.shift == "auto" else float(args.shift), eta=args.eta,
               guidance=guidance, cache_threshold=args.cache_threshold, top_p=args.top_p, top_k=args.top_k)
     if args.temperature is not None:
@@ -72,7 +77,8 @@ def cmd_train(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     opts = TrainOptions(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     print(f"training the {args.preset} preset on the bundled digits for {opts.steps} steps -> {args.out}")
-    model, tokenizer, log = train_digits(args.out, args.preset, args.objective, opts)
+    model, tokenizer, log = train_digits(args.out, args.preset, args.objective, opts,
+                                         interface=args.interface, image_tokenizer=args.image_tokenizer)
     print(f"trained {model.num_parameters() / 1e6:.2f}M parameters in {log[-1]['train_seconds']:.0f} s; "
           f"final loss {log[-1]['loss']:.4f} (lm {log[-1]['lm']:.4f}, image {log[-1]['image']:.4f})")
     results = evaluate_digits(args.out, args.eval_per_digit, grid=Path(args.out) / "digits_grid.png")
@@ -86,7 +92,7 @@ def cmd_generate(args) -> None:
     from mmgen.pipeline import to_pil
 
     pipe = _load(args.model)
-    with _progress(args.steps, "denoise") as tick:  # the n images denoise together, one tick per step
+    with _progress(args.steps, "draw") as tick:  # the n images are drawn together, one tick per step
         images = pipe.draw([args.prompt] * args.n, _options(args), seed=args.seed, progress=tick)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,16 +119,67 @@ def cmd_caption(args) -> None:
         print(f"{path}\t{text}")
 
 
-class _progress:
-    """A tqdm bar driven by the engine's per-step callback."""
+def cmd_train_tokenizer(args) -> None:
+    import torch
 
-    def __init__(self, total: int, desc: str):
+    from mmgen.config import ImageTokenizerConfig
+    from mmgen.train.tokenizer import load_images, source_defaults, train_image_tokenizer
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    d = source_defaults(args.data)
+    pick = {k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in d}
+    if args.kind == "vae":
+        pick["codebook_size"] = 0
+    train = load_images(args.data, "train", pick["resolution"], pick["channels"])
+    test = load_images(args.data, "test", pick["resolution"], pick["channels"], limit=1000)
+    config = ImageTokenizerConfig(kind=args.kind, channels=train.shape[1], resolution=train.shape[-1],
+                                  **{k: pick[k] for k in ("latent_channels", "downsample", "codebook_size", "width",
+                                                          "res_blocks")})
+    out = args.out or f"runs/tokenizers/{Path(args.data).name}-{args.kind}"
+    print(f"training a {args.kind} tokenizer on {len(train)} {args.data} images ({config.grid}×{config.grid} = "
+          f"{config.grid ** 2} tokens per image) for {pick['steps']} steps"
+          f"{f' or {args.max_minutes} min' if args.max_minutes else ''} -> {out}")
+    train_image_tokenizer(config, train, out, steps=pick["steps"], batch_size=pick["batch_size"], lr=pick["lr"],
+                          max_minutes=args.max_minutes, seed=args.seed, eval_images=test)
+    print((Path(out) / "train_summary.json").read_text())
+
+
+def cmd_compare_tokenizers(args) -> None:
+    import torch
+
+    from mmgen.compare import compare_tokenizers, render_markdown
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    if args.generation and args.data != "digits":
+        raise ValueError("--generation measures prompted-class accuracy on the digits: use --data digits")
+    specs = list(dict.fromkeys(s.partition(":")[0] for s in args.tokenizers))  # "DIR:interface" -> DIR
+    rows = compare_tokenizers(specs, args.data, args.out, held_out=args.held_out, steps=args.steps,
+                              max_minutes=args.max_minutes, grid_path=args.grid)
+    if args.generation:
+        from mmgen.compare_generation import compare_generation
+
+        recon = {r["tokenizer"]: r for r in rows}
+        rows = [{**recon.get(g["tokenizer"], {}), **g} for g in compare_generation(
+            args.tokenizers, Path(args.out) / "generation", steps=args.generation_steps, per_digit=args.per_digit)]
+    print(render_markdown(rows))
+    print(f"\n{Path(args.out) / 'comparison.json'}, {Path(args.out) / 'comparison.png'}")
+
+
+class _progress:
+    """A tqdm bar driven by the engine's per-step callback (its total comes from the callback)."""
+
+    def __init__(self, total: int | None, desc: str):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
     def __enter__(self):
-        return lambda info: self.bar.update(1)
+        def tick(info: dict) -> None:
+            if self.bar.total != info.get("steps"):
+                self.bar.reset(total=info.get("steps"))
+            self.bar.update(1)
+
+        return tick
 
     def __exit__(self, *exc):
         self.bar.close()
@@ -136,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=DEFAULT_RUN)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
     p.add_argument("--objective", default="flow", choices=["eps", "v", "flow"])
+    p.add_argument("--interface", default="diffusion", choices=["diffusion", "discrete", "hybrid", "mar"],
+                   help="how images meet the backbone (discrete and hybrid need --image-tokenizer)")
+    p.add_argument("--image-tokenizer", default=None, help="a trained image tokenizer directory (mmgen train-tokenizer)")
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -158,6 +218,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     _sampling_args(p)
     p.set_defaults(fn=cmd_caption)
+
+    p = sub.add_parser("train-tokenizer", help="train a vae / vq / hybrid image tokenizer")
+    p.add_argument("--kind", required=True, choices=["vae", "vq", "hybrid"])
+    p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of PNG/JPEG images")
+    p.add_argument("--out", default=None, help="output directory (default: runs/tokenizers/DATA-KIND)")
+    for name, kind in (("resolution", int), ("channels", int), ("downsample", int), ("latent-channels", int),
+                       ("codebook-size", int), ("width", int), ("res-blocks", int), ("steps", int),
+                       ("batch-size", int), ("lr", float)):
+        p.add_argument(f"--{name}", type=kind, default=None, help="default: per data source")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (the lr schedule follows it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.set_defaults(fn=cmd_train_tokenizer)
+
+    p = sub.add_parser("compare-tokenizers", help="compare image tokenizers on the same held-out images")
+    p.add_argument("tokenizers", nargs="+", metavar="DIR_OR_KIND",
+                   help="tokenizer directories (or a diffusers AutoencoderKL directory), or kinds to train here")
+    p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of PNG/JPEG images")
+    p.add_argument("--out", default="runs/compare-tokenizers")
+    p.add_argument("--held-out", type=int, default=1000, help="held-out images to evaluate on")
+    p.add_argument("--steps", type=int, default=None, help="training steps for kinds trained here")
+    p.add_argument("--max-minutes", type=float, default=None, help="training budget per kind trained here")
+    p.add_argument("--grid", default=None, help="also save the PNG grid here")
+    p.add_argument("--generation", action="store_true",
+                   help="also train the tiny backbone on the digits with each tokenizer (DIR[:interface]; "
+                        "'pixels' for raw pixels) and report prompted-class accuracy, FWD and captions")
+    p.add_argument("--generation-steps", type=int, default=3000, help="backbone training steps per tokenizer")
+    p.add_argument("--per-digit", type=int, default=20, help="images drawn per digit for --generation")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(fn=cmd_compare_tokenizers)
 
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -227,7 +227,8 @@ class DiffusionConfig:
 
     objective: str = "eps"  # "eps" / "v": ε- / v-prediction, cosine VP schedule; "flow": flow matching
     loss_weight: float = 5.0  # λ in L = L_LM + λ·L_diffusion
-    max_t_when_conditioning: float = 0.5  # noise cap for an image that precedes its caption
+    max_t_when_conditioning: float = 0.5  # noise cap for an image that precedes its caption (for codes: the
+    # largest share of input codes replaced by random ones)
     z_loss: float = 0.0  # PaLM/Chameleon z-loss on the LM logits (1e-5 when used)
 
     def __post_init__(self) -> None:

@@ -130,6 +130,19 @@ def build_image_tokenizer(config: ImageTokenizerConfig) -> ImageTokenizer:
     return getattr(importlib.import_module(module), name)(config)
 
 
+def check_weight_shapes(module: nn.Module, weights: Path, config: Path) -> None:
+    """Raise a ValueError naming the first tensors whose shapes in `weights` differ from `module`'s."""
+    from safetensors import safe_open
+
+    expected = module.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        wrong = [f"{k}: file {tuple(f.get_slice(k).get_shape())} vs config {tuple(expected[k].shape)}"
+                 for k in f.keys() if k in expected and tuple(f.get_slice(k).get_shape()) != tuple(expected[k].shape)]
+    if wrong:
+        raise ValueError(f"{weights} does not match {config} (was config.json edited or copied from another "
+                         f"tokenizer?): {'; '.join(wrong[:3])}")
+
+
 def load_image_tokenizer(directory: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
     """Load a tokenizer saved by `ImageTokenizer.save_pretrained`; errors name the missing or bad file."""
     d = Path(directory)
@@ -141,6 +154,7 @@ def load_image_tokenizer(directory: str | Path, device: str | torch.device = "cp
     if set(raw) - names:
         raise ValueError(f"{d / CONFIG}: unknown keys {sorted(set(raw) - names)}; valid keys: {sorted(names)}")
     tokenizer = build_image_tokenizer(ImageTokenizerConfig(**raw))
+    check_weight_shapes(tokenizer, d / WEIGHTS, d / CONFIG)
     missing, unexpected = load_model(tokenizer, str(d / WEIGHTS), strict=False, device=str(device))
     if missing or unexpected:
         raise ValueError(

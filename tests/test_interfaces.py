@@ -1,0 +1,174 @@
+"""Every image interface under the same backbone: training loss, attention inside images, cached
+token-by-token drawing equal to teacher forcing, batch independence, tokenizer/config checks."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmgen.config import BackboneConfig, HeadConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
+from mmgen.generation import Engine, GenerationOptions
+from mmgen.model import MMGenModel
+from mmgen.sequence import SequenceBuilder
+from mmgen.tokenizers.image import build_image_tokenizer
+
+from conftest import digit
+
+HEAD = HeadConfig(width=32, depth=2, steps=3)
+
+
+def tokenizer_config(kind: str) -> ImageTokenizerConfig:
+    codes = 16 if kind in ("vq", "hybrid") else 0
+    return ImageTokenizerConfig(kind=kind, channels=1, resolution=8, latent_channels=3, downsample=2,
+                                codebook_size=codes, width=8)
+
+
+CASES = {
+    "diffusion-vae": lambda: ImageConfig("diffusion", tokenizer_config("vae"), patch_size=1),
+    "discrete": lambda: ImageConfig("discrete", tokenizer_config("vq"), patch_size=1),
+    "hybrid": lambda: ImageConfig("hybrid", tokenizer_config("hybrid"), patch_size=1, head=HEAD),
+    "mar": lambda: ImageConfig("mar", patch_size=2, head=HEAD),  # raw pixels, 2×2 patches
+}
+CAUSAL = ["discrete", "hybrid", "mar"]
+
+
+def make(case: str, vocab: int) -> MMGenModel:
+    torch.manual_seed(0)
+    bb = BackboneConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    model = MMGenModel(ModelConfig(backbone=bb, image=CASES[case]()))
+    with torch.no_grad():  # untrained heads start at zero; make every output depend on its input
+        for name, p in model.image.named_parameters():
+            if p.dim() >= 2 and torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.05)
+        for p in model.image_tokenizer.parameters():
+            p.normal_(0, 0.1) if p.dim() >= 2 else None
+    return model.eval()
+
+
+def builder_for(model, tokenizer) -> SequenceBuilder:
+    c = model.config
+    return SequenceBuilder(tokenizer, 1, 8, c.image.tokens_per_image, c.backbone.max_position_embeddings)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_trains_the_interface_not_the_tokenizer(case, tokenizer):
+    model = make(case, len(tokenizer)).train()
+    batch = builder_for(model, tokenizer)([["a digit", digit(0)], [digit(1), "seven"], ["just text"]])
+    out = model.loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["image"] > 0 and out["images"] == 2
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.image.parameters())
+    assert all(p.grad is None for p in model.image_tokenizer.parameters())
+    assert not model.image_tokenizer.training
+
+
+@pytest.mark.parametrize("case", CAUSAL)
+def test_attention_inside_images_is_causal(case, tokenizer):
+    model = make(case, len(tokenizer))
+    batch = builder_for(model, tokenizer)([["a digit", digit(0), "after"]])
+    x = model.embed(batch.ids, batch.image_id, model.image.embed(model.encode_images(batch.images)))
+    slots = (batch.image_id[0] >= 0).nonzero().flatten()
+    j = slots[len(slots) // 2]
+    y = x.clone()
+    y[0, j] += 1.0
+    a, _ = model(x, batch.positions, batch.doc_id, batch.image_id)
+    b, _ = model(y, batch.positions, batch.doc_id, batch.image_id)
+    changed = (a - b).abs().amax(-1)[0] > 1e-6  # (T,)
+    assert not changed[:j].any() and changed[j:].all()
+
+
+def draw_with_spy(model, engine, prompts, opts, seed):
+    """Generate, recording the conditioning hidden states handed to the interface at every token."""
+    seen = []
+    original = model.image.sample_token
+
+    def spy(prev, prev_uncond, codes, o, gens):
+        seen.append(prev.clone())
+        return original(prev, prev_uncond, codes, o, gens)
+
+    model.image.sample_token = spy
+    try:
+        out = engine.generate(prompts, opts, seed=seed, force_image=True)
+    finally:
+        del model.image.sample_token
+    return out, torch.stack(seen, 1)  # (R, L, D)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("case", CAUSAL)
+def test_cached_drawing_equals_teacher_forcing(case, guidance, tokenizer):
+    model = make(case, len(tokenizer))
+    builder = builder_for(model, tokenizer)
+    engine = Engine(model, builder)
+    prompt = tokenizer.encode("draw a seven")
+    opts = GenerationOptions(max_new_tokens=1, guidance=guidance)
+    tokens_drawn = []
+    original = model.image.assemble
+    model.image.assemble = lambda steps: tokens_drawn.append(original(steps)) or tokens_drawn[-1]
+    try:
+        out, seen = draw_with_spy(model, engine, [[prompt]], opts, seed=3)
+    finally:
+        del model.image.assemble
+    tokens = tokens_drawn[0]
+    if tokens.codes is not None:
+        assert tokens.codes.dtype == torch.long and 0 <= tokens.codes.min() and tokens.codes.max() < 16
+    assert out[0][0].shape == (1, 8, 8)
+    # teacher forcing: the prompt, <boi> and the drawn tokens in one uncached pass
+    batch = builder([[prompt, torch.zeros(1, 8, 8)]])
+    x = model.embed(batch.ids, batch.image_id, model.image.embed(tokens))
+    hidden, _ = model(x, batch.positions, batch.doc_id, batch.image_id)
+    slots = batch.image_id[0] >= 0
+    before = torch.zeros_like(slots)
+    before[:-1] = slots[1:]
+    torch.testing.assert_close(seen[0], hidden[0, before], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CAUSAL)
+def test_a_row_draws_the_same_alone_or_in_a_batch(case, tokenizer):
+    model = make(case, len(tokenizer))
+    engine = Engine(model, builder_for(model, tokenizer))
+    prompts = [[tokenizer.encode("a long prompt about the digit three")], [tokenizer.encode("two")]]
+    opts = GenerationOptions(max_new_tokens=3, guidance=2.0)
+    both = engine.generate(prompts, opts, seed=[5, 6], force_image=True)
+    alone = engine.generate(prompts[1:], opts, seed=[6], force_image=True)
+    torch.testing.assert_close(both[1][0], alone[0][0], atol=1e-5, rtol=1e-5)
+    assert both[1][1:] == alone[0][1:]
+
+
+def test_tokenizer_that_does_not_match_the_config_is_refused(tokenizer):
+    cfg = make("discrete", len(tokenizer)).config
+    other = build_image_tokenizer(dataclasses.replace(cfg.image.tokenizer, codebook_size=32))
+    with pytest.raises(ValueError, match="codebook_size"):
+        MMGenModel(cfg, image_tokenizer=other)
+    with pytest.raises(ValueError, match="needs a discrete"):
+        ImageConfig("discrete", tokenizer_config("vae"), patch_size=1)
+    with pytest.raises(ValueError, match="patch_size=1"):
+        ImageConfig("discrete", tokenizer_config("vq"), patch_size=2)
+
+
+@pytest.mark.parametrize("case", ["discrete", "hybrid"])
+def test_save_load_keeps_the_image_tokenizer(case, tokenizer, tmp_path):
+    model = make(case, len(tokenizer))
+    model.save_pretrained(tmp_path, tokenizer)
+    again = MMGenModel.from_pretrained(tmp_path)
+    images = torch.stack([digit(i) for i in range(4)])
+    a, b = model.encode_images(images), again.encode_images(images)
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(model.decode_images(a), again.decode_images(b))
+
+
+def test_codes_of_conditioning_images_are_corrupted_only_in_training(tokenizer):
+    model = make("discrete", len(tokenizer)).train()
+    tokens = model.encode_images(torch.stack([digit(i) for i in range(64)]))
+    conditions = torch.arange(64) < 32  # the first half precede their text
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = model.image.train_inputs(tokens, conditions, g)
+    clean = model.image.embed(tokens)
+    changed = (inputs - clean).abs().amax(-1) > 0  # (N, L)
+    assert changed[:32].any() and not changed[32:].any()
+    assert changed[:32].float().mean() < 0.5  # at most half, a quarter on average
+    assert torch.equal(targets.codes, tokens.codes)
+    model.eval()
+    inputs, _ = model.image.train_inputs(tokens, conditions, g)
+    assert torch.equal(inputs, clean)
