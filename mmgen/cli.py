@@ -1,4 +1,5 @@
-"""`mmgen train | generate | caption | train-tokenizer | compare-tokenizers`: the command-line entry points."""
+"""`mmgen train | train-text-tokenizer | generate | caption | train-tokenizer | compare-tokenizers`: the command-line
+entry points."""
 
 from __future__ import annotations
 
@@ -65,25 +66,6 @@ def _load(directory: str):
     if not Path(directory).is_dir():
         raise SystemExit(f"error: model directory {directory} not found; train one with `mmgen train --out {directory}`")
     return Pipeline.from_pretrained(directory)
-
-
-def cmd_train(args) -> None:
-    import torch
-
-    from mmgen.evaluation import evaluate_digits
-    from mmgen.train.digits import train_digits
-    from mmgen.train.loop import TrainOptions
-
-    torch.set_num_threads(args.threads) if args.threads else None
-    opts = TrainOptions(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    print(f"training the {args.preset} preset on the bundled digits for {opts.steps} steps -> {args.out}")
-    model, tokenizer, log = train_digits(args.out, args.preset, args.objective, opts,
-                                         interface=args.interface, image_tokenizer=args.image_tokenizer)
-    print(f"trained {model.num_parameters() / 1e6:.2f}M parameters in {log[-1]['train_seconds']:.0f} s; "
-          f"final loss {log[-1]['loss']:.4f} (lm {log[-1]['lm']:.4f}, image {log[-1]['image']:.4f})")
-    results = evaluate_digits(args.out, args.eval_per_digit, grid=Path(args.out) / "digits_grid.png")
-    (Path(args.out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
 
 
 def cmd_generate(args) -> None:
@@ -186,23 +168,26 @@ class _progress:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        from mmgen.train.entrypoint import main as train_main
+
+        start = time.perf_counter()
+        if train_main(argv[1:]) is not None:
+            print(f"done in {time.perf_counter() - start:.0f} s")
+        return
+    if argv and argv[0] == "train-text-tokenizer":
+        from mmgen.train.text_tokenizer import main as text_tokenizer_main
+
+        text_tokenizer_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="mmgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train the tiny model on the bundled digits, then evaluate it")
-    p.add_argument("--out", default=DEFAULT_RUN)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--objective", default="flow", choices=["eps", "v", "flow"])
-    p.add_argument("--interface", default="diffusion", choices=["diffusion", "discrete", "hybrid", "mar"],
-                   help="how images meet the backbone (discrete and hybrid need --image-tokenizer)")
-    p.add_argument("--image-tokenizer", default=None, help="a trained image tokenizer directory (mmgen train-tokenizer)")
-    p.add_argument("--train-steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--eval-per-digit", type=int, default=10, help="images generated per digit for the evaluation")
-    p.set_defaults(fn=cmd_train)
+    # `train` and `train-text-tokenizer` parse their own arguments (typed config overrides); listed here for --help
+    sub.add_parser("train", help="train a model from a config (default: the bundled digits job, then its "
+                                 "evaluation); `mmgen train --help` lists every key", add_help=False)
+    sub.add_parser("train-text-tokenizer", help="train a SentencePiece text tokenizer on your corpus", add_help=False)
 
     p = sub.add_parser("generate", help="draw images from a caption")
     p.add_argument("prompt")
@@ -250,13 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_compare_tokenizers)
 
     args = parser.parse_args(argv)
-    start = time.perf_counter()
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
-    if args.command == "train":
-        print(f"done in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""A single-process training loop: AdamW, warmup + cosine decay, gradient clipping, EMA, progress bar.
+"""A minimal single-process training loop: AdamW, warmup + cosine decay, gradient clipping, EMA.
 
-Enough to train the tiny preset on the bundled data on a laptop CPU; the accelerate entrypoint
-(multi-process, checkpoints, resume) builds on the same `MMGenModel.loss`.
+Kept for library use and `mmgen.train.digits`; `mmgen train` (`mmgen.train.trainer`) is the full
+accelerate entrypoint with multi-process training, checkpoints and exact resume. Both share the
+optimization pieces in `mmgen.train.optim` (frozen parameters are neither optimized nor averaged).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -16,6 +16,10 @@ from tqdm.auto import tqdm
 
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
+from mmgen.train.optim import EMA, param_groups, trainable
+from mmgen.train.optim import lr_at as schedule
+
+__all__ = ["EMA", "TrainOptions", "lr_at", "param_groups", "train"]
 
 
 @dataclass
@@ -35,38 +39,7 @@ class TrainOptions:
 
 def lr_at(step: int, opts: TrainOptions) -> float:
     """Linear warmup to opts.lr, then cosine decay to opts.lr · min_lr_ratio at opts.steps."""
-    if step < opts.warmup_steps:
-        return opts.lr * (step + 1) / opts.warmup_steps
-    progress = min(1.0, (step - opts.warmup_steps) / max(1, opts.steps - opts.warmup_steps))
-    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def param_groups(model: MMGenModel, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases and embeddings undecayed."""
-    decay, no_decay = [], []
-    for name, p in {id(p): (n, p) for n, p in model.named_parameters()}.values():
-        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class EMA:
-    """Exponential moving average of parameters, with the usual warmup min(decay, (1+n)/(10+n))."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - d)
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        for n, p in model.named_parameters():
-            p.copy_(self.shadow[n])
+    return schedule(step, opts.lr, opts.warmup_steps, opts.steps, opts.min_lr_ratio)
 
 
 def train(
@@ -93,7 +66,7 @@ def train(
             out = model.loss(batch.to(model.device), generator=noise)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model).values(), opts.grad_clip)
             optimizer.step()
             if ema is not None:
                 ema.update(model)

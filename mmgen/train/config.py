@@ -1,0 +1,325 @@
+"""The training configuration: one dataclass per section, from a YAML/JSON file plus overrides.
+
+    out, seed, resume
+    model       preset (tiny / small / base) + overrides of `mmgen.config.ModelConfig` fields
+    tokenizer   a trained SentencePiece model, or one trained here on the data's text
+    data        sources (bundled, image folder, HF datasets on disk, text, interleaved) mixed by weight
+    optim       AdamW, warmup + cosine decay, gradient clipping
+    train       steps, global batch, accumulation, precision, EMA, the non-finite guard
+    checkpoint / log / samples / eval
+Named configs ship in `mmgen/train/configs/`; with no config, `mmgen train` runs `digits-tiny`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmgen.config import PRESETS, BackboneConfig, DiffusionConfig, ImageConfig, ModelConfig
+from mmgen.train.overrides import ConfigError, build, describe, load_file, opt, set_dotted, suggest, to_dict
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "digits-tiny"
+SOURCE_KINDS = ("digits", "shapes", "image_folder", "hf", "text", "interleaved")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = opt("digits", f"one of {', '.join(SOURCE_KINDS)}")
+    path: str | None = opt(None, "image_folder: folder; hf: dataset saved with save_to_disk; text: file or folder "
+                                 "of .txt; interleaved: JSONL file")
+    weight: float = opt(1.0, "relative share of this source in the mixture")
+    split: str = opt("train", "digits: train / test / all; hf: the split of a DatasetDict")
+    captions: str | None = opt(None, "image_folder: captions JSONL (default: PATH/captions.jsonl, else "
+                                     "PATH/metadata.jsonl); lines {\"file_name\": ..., \"text\": ...}")
+    image_column: str = opt("image", "hf: column with images (PIL images, bytes or paths); absent: text only")
+    text_column: str = opt("text", "hf: column with the caption or text")
+    text_unit: str = opt("paragraph", "text: one sample per line, paragraph (blank-line separated) or file")
+    size: int = opt(10_000, "shapes: number of procedural images")
+    max_objects: int = opt(3, "shapes: most objects per image (1..5)")
+    p_image_first: float = opt(0.2, "image-caption sources: share of image -> caption samples")
+    caption_dropout: float = opt(0.1, "image-caption sources: share of captions dropped (classifier-free guidance)")
+    limit: int = opt(0, "use at most this many items (0: all)")
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"unknown source kind {self.kind!r}{suggest(self.kind, list(SOURCE_KINDS))}")
+        if self.kind not in ("digits", "shapes") and not self.path:
+            raise ConfigError(f"a {self.kind!r} source needs a path")
+        if self.weight <= 0:
+            raise ConfigError(f"source weight must be > 0, got {self.weight}")
+        for name in ("p_image_first", "caption_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.text_unit not in ("line", "paragraph", "file"):
+            raise ConfigError(f"text_unit must be line, paragraph or file, got {self.text_unit!r}")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = opt([SourceConfig()], "data sources (a list of source sections)")
+    packing: str = opt("pack", "pack: several samples per row, up to pack_length tokens, each attending only to "
+                               "itself; pad: one sample per row, padded to the longest in the micro-batch")
+    pack_length: int = opt(0, "row length when packing (0: the model's max_position_embeddings)")
+    epoch_size: int = opt(0, "samples per epoch of the mixture (0: the sum of the sources' sizes)")
+    num_workers: int = opt(0, "DataLoader worker processes (0: load in the training process)")
+    max_skips: int = opt(100, "unreadable items in a row tolerated before the run stops with an error")
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty: give at least one source")
+        if self.packing not in ("pack", "pad"):
+            raise ConfigError(f"data.packing must be 'pack' or 'pad', got {self.packing!r}")
+        if min(self.pack_length, self.epoch_size, self.num_workers) < 0 or self.max_skips < 1:
+            raise ConfigError("data.pack_length, epoch_size and num_workers must be >= 0, max_skips >= 1")
+
+
+@dataclass
+class ModelSection:
+    preset: str = opt("tiny", f"model size preset: {', '.join(PRESETS)}")
+    image_tokenizer: str | None = opt(None, "directory of a trained image tokenizer (`mmgen train-tokenizer`); "
+                                            "its config replaces model.image.tokenizer")
+    backbone: dict = opt({}, "overrides of the preset's backbone fields", leaf=True)
+    image: dict = opt({}, "overrides of the preset's image fields", leaf=True)
+    diffusion: dict = opt({}, "overrides of the preset's diffusion fields", leaf=True)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {self.preset!r}{suggest(self.preset, list(PRESETS))}")
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = opt(None, "a directory holding tokenizer.model (from `mmgen train-text-tokenizer` or a "
+                                 "trained model) or a .model file; null: train one here on the data's text")
+    vocab_size: int = opt(512, "vocabulary size when training one here")
+    model_type: str = opt("bpe", "bpe or unigram, when training one here")
+    max_texts: int = opt(100_000, "texts drawn from the sources to train it")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.05, "final learning rate as a share of lr (cosine decay)")
+    warmup_steps: int = opt(200, "linear warmup steps")
+    weight_decay: float = opt(0.05, "AdamW weight decay of matrices (norms, biases, embeddings: none)")
+    betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+
+
+@dataclass
+class LoopConfig:
+    steps: int = opt(3000, "optimizer steps")
+    batch_size: int = opt(64, "global batch: samples per optimizer step, over all processes and accumulation")
+    grad_accum: int = opt(1, "micro-batches per optimizer step on each process")
+    mixed_precision: str = opt("no", "no, bf16 or fp16 autocast")
+    ema_decay: float = opt(0.999, "EMA of the weights; the exported model holds the EMA (0: off)")
+    threads: int = opt(0, "torch threads per process (0: torch's default)")
+    max_nonfinite: int = opt(50, "non-finite steps in a row (skipped and counted) before the run stops (0: never)")
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.steps, batch_size and grad_accum must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(500, "write a resumable checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep: int = opt(3, "keep the newest K checkpoints")
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(100, "one summary line (and a CSV row) every N steps")
+    progress: bool = opt(True, "progress bar on the main process")
+    tensorboard: bool = opt(True, "also log to tensorboard (OUT/tensorboard) if it is installed")
+    wandb: bool = opt(False, "also log to Weights & Biases (must be installed)")
+    wandb_project: str = opt("mmgen", "wandb project")
+
+
+@dataclass
+class SampleConfig:
+    every: int = opt(0, "draw a PNG grid from the prompts every N steps and at the end (0: never)")
+    prompts: list[str] = opt([], "fixed prompts, one grid row each")
+    per_prompt: int = opt(4, "images per prompt")
+    image_steps: int = opt(25, "denoising steps (diffusion interfaces)")
+    guidance: float = opt(3.0, "classifier-free guidance scale")
+    seed: int = opt(0, "sampling seed (the same images each time for the same weights)")
+    scale: int = opt(4, "nearest-neighbour upscaling of the PNG")
+
+
+@dataclass
+class EvalConfig:
+    digits: int = opt(0, "after training: generate N images per digit (judged by a digits classifier) and caption "
+                         "the 297 held-out digits; writes OUT/eval.json and OUT/digits_grid.png (0: off)")
+    image_steps: int = opt(0, "denoising steps of the digits evaluation (0: the interface's default)")
+    guidance: float = opt(3.0, "classifier-free guidance scale of the digits evaluation")
+
+    def __post_init__(self) -> None:
+        if self.digits < 0 or self.image_steps < 0:
+            raise ConfigError("eval.digits and eval.image_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    out: str = opt("runs/train", "output directory: final model, logs, sample grids, checkpoints/")
+    seed: int = opt(0, "seed of initialization, data order and noise")
+    resume: str | None = opt(None, "'latest' (newest checkpoint in OUT/checkpoints) or a checkpoint directory")
+    model: ModelSection = opt(ModelSection(), "model")
+    tokenizer: TokenizerSection = opt(TokenizerSection(), "text tokenizer")
+    data: DataConfig = opt(DataConfig(), "data")
+    optim: OptimConfig = opt(OptimConfig(), "optimizer and learning-rate schedule")
+    train: LoopConfig = opt(LoopConfig(), "training loop")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "resumable checkpoints")
+    log: LogConfig = opt(LogConfig(), "logging")
+    samples: SampleConfig = opt(SampleConfig(), "sample grids")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation after training (bundled digits)")
+
+
+# -- the model section -----------------------------------------------------------------------------
+
+
+def resolve_model(section: ModelSection, load_weights: bool = False):
+    """The model config: the preset, then the section's overrides; returns (ModelConfig, image tokenizer or None).
+
+    IMAGE-TOKENIZER HOOK: the one place where a config that names a trained image tokenizer
+    checkpoint (`model.image_tokenizer`) gets its config and, with `load_weights`, its weights.
+    """
+    raw = to_dict(PRESETS[section.preset]())
+    bb = raw["backbone"]
+    if bb["head_dim"] == bb["hidden_size"] // bb["num_attention_heads"]:
+        bb["head_dim"] = None  # derived: follows hidden_size / heads when those are overridden
+    tokenizer = None
+    if section.image_tokenizer:
+        from mmgen.tokenizers.image import load_image_tokenizer
+
+        if "tokenizer" in section.image:
+            raise ConfigError("give model.image_tokenizer or model.image.tokenizer, not both")
+        try:
+            tokenizer = load_image_tokenizer(section.image_tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.image_tokenizer: {e}") from None
+        raw["image"]["tokenizer"] = to_dict(tokenizer.config)
+    merged = {part: _merge(raw[part], getattr(section, part), f"model.{part}.")
+              for part in ("backbone", "image", "diffusion")}
+    config = ModelConfig(
+        backbone=build(BackboneConfig, merged["backbone"], "model.backbone."),
+        image=build(ImageConfig, merged["image"], "model.image."),
+        diffusion=build(DiffusionConfig, merged["diffusion"], "model.diffusion."),
+    )
+    return config, (tokenizer if load_weights else None)
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    """`over` on top of `base`, recursively for sections; unknown keys pass through for `build` to reject."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+MODEL_HELP = {
+    "model.backbone.vocab_size": "text vocabulary; default: the text tokenizer's size",
+    "model.backbone.hidden_size": "width D of the decoder",
+    "model.backbone.intermediate_size": "SwiGLU MLP width",
+    "model.backbone.num_hidden_layers": "decoder layers",
+    "model.backbone.num_attention_heads": "query heads",
+    "model.backbone.num_key_value_heads": "key/value heads (grouped-query attention)",
+    "model.backbone.head_dim": "per-head width (null: hidden_size / heads)",
+    "model.backbone.max_position_embeddings": "longest sequence in tokens (also the packing row length)",
+    "model.backbone.rms_norm_eps": "RMSNorm epsilon",
+    "model.backbone.rope_theta": "RoPE base",
+    "model.backbone.tie_word_embeddings": "share the input embedding and the LM head",
+    "model.backbone.attention_bias": "q/k/v biases (Qwen2)",
+    "model.backbone.qk_norm": "RMSNorm on queries and keys (Chameleon; helps stability)",
+    "model.backbone.initializer_range": "std of the normal initialization",
+    "model.image.interface": "diffusion (Transfusion), discrete (Chameleon), hybrid (HART) or mar",
+    "model.image.patch_size": "latent cells per token along each side",
+    "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
+    "model.image.tokenizer.channels": "image channels (1 grey, 3 RGB); data are converted to this",
+    "model.image.tokenizer.resolution": "image side in pixels; data are resized and center-cropped to it",
+    "model.image.tokenizer.latent_channels": "latent channels c per grid cell",
+    "model.image.tokenizer.downsample": "pixels per latent cell along each side (f)",
+    "model.image.tokenizer.codebook_size": "codes K (vq and hybrid; 0: continuous)",
+    "model.image.tokenizer.width": "channels of the tokenizer's first conv stage",
+    "model.image.tokenizer.res_blocks": "residual blocks per tokenizer stage",
+    "model.image.tokenizer.latent_shift": "subtracted from latents before the model sees them",
+    "model.image.tokenizer.latent_scale": "latents are multiplied by this (SD: 0.18215)",
+    "model.image.tokenizer.path": "diffusers: local directory of the AutoencoderKL",
+    "model.image.head.width": "MLP diffusion head width (mar / hybrid)",
+    "model.image.head.depth": "MLP diffusion head residual blocks",
+    "model.image.head.objective": "MLP head objective: eps, v or flow",
+    "model.image.head.repeat": "noise levels per token per step (MAR's diffusion_batch_mul)",
+    "model.image.head.steps": "MLP head sampling steps",
+    "model.image.head.loss_weight": "weight of the MLP head loss",
+    "model.diffusion.objective": "eps, v or flow",
+    "model.diffusion.loss_weight": "λ in L = L_LM + λ·L_image",
+    "model.diffusion.max_t_when_conditioning": "noise cap for an image that precedes its caption",
+    "model.diffusion.z_loss": "z-loss weight on the LM logits (1e-5 when used; 0: off)",
+}
+
+
+def help_text() -> str:
+    """Every config key with its type, default and meaning (model keys show the tiny preset's values)."""
+    out, skip = [], False
+    for line in describe(TrainConfig):
+        if line.startswith(("  --model.backbone=", "  --model.image=", "  --model.diffusion=")):
+            skip = True  # an override map: replaced by every field it can override, below
+            if line.startswith("  --model.backbone="):
+                out += describe(ModelConfig, "model.", PRESETS["tiny"](), MODEL_HELP)
+            continue
+        if skip and line.startswith("        "):
+            continue
+        skip = False
+        out.append(line)
+    return "\n".join(out)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def named_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a config shipped with mmgen (`digits-tiny`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if (CONFIG_DIR / f"{name_or_path}.yaml").is_file():
+        return CONFIG_DIR / f"{name_or_path}.yaml"
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a named config ({', '.join(named_configs())})")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:
+    """Defaults < the config file (None: the bundled default job) < `overrides` (dotted keys).
+
+    The model section is resolved too, so a bad model key fails here, not after the data are indexed.
+    """
+    path = config_path(name_or_path or DEFAULT_CONFIG)
+    raw = _merge(to_dict(TrainConfig()), load_file(path), "")
+    for key, value in overrides:
+        set_dotted(raw, key, value)
+    try:
+        config = build(TrainConfig, raw)
+        resolve_model(config.model)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (config {path}{' and command-line overrides' if overrides else ''})") from None
+    return config
