@@ -1,5 +1,5 @@
-"""`mmgen train | train-text-tokenizer | generate | caption | train-tokenizer | compare-tokenizers`: the command-line
-entry points."""
+"""`mmgen train | train-text-tokenizer | generate | caption | chat | train-tokenizer | compare-tokenizers`: the
+command-line entry points."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from pathlib import Path
 
 from mmgen.diffusion.samplers import SAMPLERS
 
-DEFAULT_RUN = "runs/digits-tiny"
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_RUN, help=f"model directory (default: {DEFAULT_RUN}, made by `mmgen train`)")
+def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)") -> None:
+    p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: 25 in the backbone; the MLP head's own per token for hybrid/mar)")
@@ -36,7 +33,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
                    help="guide only for σ in this range")
     p.add_argument("--cache-threshold", type=float, default=0.0, help="First Block Cache τ (0 = off)")
-    p.add_argument("--temperature", type=float, default=None, help="text temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None, help=temperature)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
 
@@ -60,12 +57,15 @@ def _options(args, **overrides):
     return GenerationOptions(**{**kw, **overrides})
 
 
-def _load(directory: str):
+def _load(directory: str | None):
+    from mmgen.assets import DEFAULT_MODEL
     from mmgen.pipeline import Pipeline
 
-    if not Path(directory).is_dir():
-        raise SystemExit(f"error: model directory {directory} not found; train one with `mmgen train --out {directory}`")
-    return Pipeline.from_pretrained(directory)
+    d = Path(directory) if directory else DEFAULT_MODEL
+    if not (d / "config.json").is_file():
+        raise SystemExit(f"error: {d} is not a model directory (no config.json); give the output directory of "
+                         "`mmgen train`, or leave out --model for the bundled model")
+    return Pipeline.from_pretrained(d)
 
 
 def cmd_generate(args) -> None:
@@ -147,6 +147,18 @@ def cmd_compare_tokenizers(args) -> None:
     print(f"\n{Path(args.out) / 'comparison.json'}, {Path(args.out) / 'comparison.png'}")
 
 
+def cmd_chat(args) -> None:
+    from mmgen.chat import Chat
+    from mmgen.chat_repl import run
+
+    chat = Chat(_load(args.model))
+    opts = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0)
+    fields = {f: getattr(opts, f) for f in ("max_new_tokens", "temperature", "top_p", "top_k", "image_steps",
+                                              "image_temperature", "image_top_k", "sampler", "schedule", "shift",
+                                              "eta", "guidance", "cache_threshold")}
+    run(chat, args.message or None, args.out_dir, scale=args.scale, seed=args.seed, options=fields)
+
+
 class _progress:
     """A tqdm bar driven by the engine's per-step callback (its total comes from the callback)."""
 
@@ -203,6 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     _sampling_args(p)
     p.set_defaults(fn=cmd_caption)
+
+    p = sub.add_parser("chat", help="talk with the model: text and images in, text and images out",
+                       description="Interactive chat. /image TEXT forces an image, /text TEXT text only, /attach PATH "
+                                   "adds an image to your next message, /reset, /quit. Images are saved under "
+                                   "--out-dir and their paths printed.")
+    p.add_argument("-m", "--message", action="append", default=None,
+                   help="run these lines (messages or /commands) in order instead of reading stdin; repeatable")
+    p.add_argument("--out-dir", default="chat_images", help="where generated images are saved")
+    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of saved images")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    _sampling_args(p, temperature="text temperature (default 0 = greedy)")
+    p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("train-tokenizer", help="train a vae / vq / hybrid image tokenizer")
     p.add_argument("--kind", required=True, choices=["vae", "vq", "hybrid"])

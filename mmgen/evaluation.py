@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmgen.data.digits import WORDS, DigitsDataset, parse_digit
+from mmgen.data.images import fit_tensor
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline
 
@@ -19,20 +20,30 @@ PROMPT = "a handwritten digit {d}"
 
 
 class DigitClassifier:
-    """An RBF SVM on the real training digits (≈99% on the held-out split)."""
+    """An RBF SVM on the real training digits (≈99% on the held-out split).
 
-    def __init__(self) -> None:
+    Images of any size and channel count are brought back to 8×8 grey (`fit_tensor`: antialiased
+    bilinear). For a model at another format (`channels`, `resolution`), the SVM trains on real digits
+    taken to that format and back, so real and generated images are judged through the same round trip.
+    """
+
+    def __init__(self, channels: int = 1, resolution: int = 8) -> None:
         from sklearn.svm import SVC
 
         train = DigitsDataset("train")
-        self.svm = SVC(gamma="scale", C=10.0).fit(self._features(train.images), train.labels.numpy())
+        images = train.images
+        if (channels, resolution) != (1, 8):
+            images = torch.stack([fit_tensor(x, channels, resolution) for x in images])
+        self.svm = SVC(gamma="scale", C=10.0).fit(self._features(images), train.labels.numpy())
 
     @staticmethod
     def _features(images: Tensor) -> np.ndarray:
+        if images.shape[1:] != (1, 8, 8):
+            images = torch.stack([fit_tensor(x.float(), 1, 8) for x in images])
         return ((images.float().clamp(-1, 1) + 1) * 8).reshape(len(images), -1).numpy()  # back to 0..16
 
     def predict(self, images: Tensor) -> np.ndarray:
-        """(N, 1, 8, 8) in [-1, 1] -> (N,) digit labels."""
+        """(N, C, H, W) in [-1, 1] -> (N,) digit labels."""
         return self.svm.predict(self._features(images.cpu()))
 
 
@@ -67,7 +78,8 @@ def evaluate_digits(model_dir: str | Path, per_digit: int = 10, options: Generat
     start = time.perf_counter()
     images = generate_digits(pipe, per_digit, options, seed)
     gen_seconds = time.perf_counter() - start
-    acc = prompted_accuracy(images, DigitClassifier())
+    c = pipe.model.config.image
+    acc = prompted_accuracy(images, DigitClassifier(c.channels, c.resolution))
     if grid is not None:
         save_grid(images, grid)
     start = time.perf_counter()

@@ -201,8 +201,10 @@ class Engine:
         seed: int | Sequence[int] = 0,
         force_image: bool | Sequence[bool] = False,
         progress: Callable[[dict], None] | None = None,
+        stop: Sequence[int] = (),
+        on_event: Callable[[dict], None] | None = None,
     ) -> list[list[list[int] | Tensor]]:
-        """Continue each prompt until <eos> or `max_new_tokens`.
+        """Continue each prompt until <eos> (or a `stop` id) or `max_new_tokens`.
 
         Args:
             prompts: per row, segments of token ids (list[int]) and images (C, H, W) in [-1, 1].
@@ -211,6 +213,11 @@ class Engine:
                 on its prompt and its seed, not on the rest of the batch.
             force_image: start the answer with <boi> (for every row, or per row).
             progress: called after every denoising step with {"i", "steps", ...}.
+            stop: more ids that end a row like <eos> (e.g. <|end|> for a chat turn); not returned.
+            on_event: called as generation goes, for streaming: {"type": "token", "row", "id"} for each
+                text token kept, {"type": "image_start", "rows"} and {"type": "image_done", "row",
+                "image"} (C, H, W) around each image, {"type": "image_step", "rows", "i", "steps",
+                "denoised"} after each denoising step (or token, for causal interfaces).
 
         Returns:
             per row, the generated segments: token-id lists (without special ids) and images (C, H, W).
@@ -236,6 +243,15 @@ class Engine:
                     f"positions and the model holds {max_pos}; shorten the prompt"
                 )
         forced = torch.tensor([tok.boi_id if f else -1 for f in force], device=dev)
+        ends = torch.tensor(sorted({tok.eos_id, *stop}), device=dev)
+        drawing_rows: list[int] = []  # the rows drawing an image now
+        if on_event is not None:
+            user_progress = progress
+
+            def progress(info: dict) -> None:  # the caller's progress, plus an image_step event
+                on_event({"type": "image_step", "rows": list(drawing_rows), **info})
+                if user_progress is not None:
+                    user_progress(info)
         n_images = torch.zeros(b, dtype=torch.long, device=dev)
         state = torch.full((b,), -1, dtype=torch.long, device=dev)  # grammar state: -1 = text
         outputs: list[list] = [[] for _ in range(b)]
@@ -255,17 +271,25 @@ class Engine:
             if self.grammar is not None:
                 state[active] = self.grammar.advance(state[active], nxt[active])
             last = self.extend(cache, m.embed(nxt[:, None], nxt.new_full((b, 1), -1), None), active, False)[:, -1]
+            ended = torch.isin(nxt, ends)
             for i in active.nonzero().flatten().tolist():
-                if nxt[i] not in (tok.boi_id, tok.eoi_id, tok.eos_id):
+                if nxt[i] not in (tok.boi_id, tok.eoi_id) and not ended[i]:
                     if not outputs[i] or not isinstance(outputs[i][-1], list):
                         outputs[i].append([])
                     outputs[i][-1].append(int(nxt[i]))
-            done |= active & (nxt == tok.eos_id)
+                    if on_event is not None:
+                        on_event({"type": "token", "row": i, "id": int(nxt[i])})
+            done |= active & ended
             drawing = active & (nxt == tok.boi_id)
             if drawing.any():
+                drawing_rows[:] = drawing.nonzero().flatten().tolist()
+                if on_event is not None:
+                    on_event({"type": "image_start", "rows": list(drawing_rows)})
                 images = self._draw(cache, last, drawing, opts, gens, seeds, n_images, progress)
-                for i, img in zip(drawing.nonzero().flatten().tolist(), images):
+                for i, img in zip(drawing_rows, images):
                     outputs[i].append(img)
+                    if on_event is not None:
+                        on_event({"type": "image_done", "row": i, "image": img})
                 n_images += drawing.long()
                 if self.grammar is not None:
                     state = torch.where(drawing, self.grammar.length, state)  # all codes emitted: <eoi> next

@@ -5,48 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from mmgen.data.images import ImageInput, load_image
 from mmgen.generation import Engine, GenerationOptions
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
 from mmgen.tokenizers.text import TextTokenizer
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray, Tensor]
+ImageLike = ImageInput
 
 
 def to_tensor(image: ImageLike, channels: int, resolution: int) -> Tensor:
-    """A path, PIL image, uint8 array (H, W[, C]) or tensor (C, H, W) in [-1, 1] -> (C, H, W) in [-1, 1].
-
-    Files and PIL images are converted to the model's mode (L or RGB) and resized to its resolution.
-    """
-    if isinstance(image, Tensor):
-        return image
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                image = im.copy()
-        except Exception as e:  # PIL raises several types for corrupt or non-image files
-            raise ValueError(f"cannot read {path} as an image: {e}") from e
-    if isinstance(image, Image.Image):
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (resolution, resolution):
-            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        image = np.asarray(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"numpy images must be uint8 (H, W[, C]), got {image.dtype}")
-        arr = image[..., None] if image.ndim == 2 else image
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
-    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image, uint8 array or tensor")
+    """A path, PIL image, uint8 array (H, W[, C]) or float tensor (C, H, W) in [-1, 1] -> the model's
+    (channels, resolution, resolution) in [-1, 1], through the same conversion as the training data
+    (`mmgen.data.images.load_image`). Raises `UnreadableImage` (a ValueError) naming the problem."""
+    return load_image(image, channels, resolution)
 
 
 def to_pil(image: Tensor, scale: int = 1) -> Image.Image:

@@ -91,6 +91,13 @@ class SequenceBuilder:
         self.tok = tokenizer
         self.channels, self.resolution = channels, resolution
         self.tokens_per_image, self.max_length = tokens_per_image, max_length
+        # an image is a condition (its noise capped in training) when words follow it and none precede it
+        # since the start or the last role marker: a caption's image, or an image a user turn opens with
+        self.role_ids = frozenset(getattr(tokenizer, n) for n in ("user_id", "assistant_id") if hasattr(tokenizer, n))
+        self.special_ids = frozenset(getattr(tokenizer, "special_ids", (tokenizer.bos_id, tokenizer.eos_id)))
+
+    def _ids(self, seg: str | list[int]) -> list[int]:
+        return self.tok.encode(seg) if isinstance(seg, str) else seg
 
     def tokens(self, sample: Sample, add_eos: bool = True) -> tuple[list[int], list[int], list[Tensor], list[bool]]:
         """One sample -> ids, per-slot image index (-1 text), its images, and which precede their text."""
@@ -99,17 +106,22 @@ class SequenceBuilder:
 
         if len(sample) == 0 or all(is_text(s) and not s for s in sample):
             raise ValueError("empty sample: give at least one non-empty text segment or one image")
+        encoded = [list(self._ids(seg)) if is_text(seg) else None for seg in sample]
+        has_words = [seg is not None and any(t not in self.special_ids for t in seg) for seg in encoded]
         ids, img, images, conditions = [self.tok.bos_id], [-1], [], []
-        for i, seg in enumerate(sample):
-            if is_text(seg):
-                text = self.tok.encode(seg) if isinstance(seg, str) else list(seg)
+        words_before = False  # words since the start or the last role marker
+        for i, (seg, text) in enumerate(zip(sample, encoded)):
+            if text is not None:
+                for t in text:
+                    if t in self.role_ids:
+                        words_before = False
+                    elif t not in self.special_ids:
+                        words_before = True
                 ids += text
                 img += [-1] * len(text)
                 continue
             check_image(seg, self.channels, self.resolution)
-            before = any(is_text(s) and s for s in sample[:i])
-            after = any(is_text(s) and s for s in sample[i + 1 :])
-            conditions.append(after and not before)
+            conditions.append(any(has_words[i + 1 :]) and not words_before)
             ids += [self.tok.boi_id] + [self.tok.pad_id] * self.tokens_per_image + [self.tok.eoi_id]
             img += [-1] + [len(images)] * self.tokens_per_image + [-1]
             images.append(seg)

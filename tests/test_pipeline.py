@@ -23,15 +23,24 @@ def test_conversions_of_other_inputs():
     assert to_tensor(np.zeros((8, 8), np.uint8), 1, 8).min() == -1
     with pytest.raises(ValueError, match="uint8"):
         to_tensor(np.zeros((8, 8), np.float32), 1, 8)
-    with pytest.raises(TypeError, match="unsupported image type"):
+    with pytest.raises(ValueError, match="unsupported image type"):
         to_tensor(3, 1, 8)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        to_tensor(Image.new("L", (64, 8)), 1, 8)
+    with pytest.raises(ValueError, match="at least 2 pixels"):
+        to_tensor(np.zeros((1, 1), np.uint8), 1, 8)
+    with pytest.raises(ValueError, match="2-channel"):
+        to_tensor(torch.zeros(2, 8, 8), 3, 8)
+    assert to_tensor(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 3, 8).max() == -1  # transparent over black
+    assert to_tensor(Image.new("I;16", (8, 8), 4000), 1, 8).min() == 1  # 16-bit grey scaled to 8 bits
+    assert to_tensor(Image.new("CMYK", (8, 8)), 3, 8).shape == (3, 8, 8)
 
 
 def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="bad.png: not a readable image"):
         to_tensor(tmp_path / "bad.png", 1, 8)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="none.png: file not found"):
         to_tensor(tmp_path / "none.png", 1, 8)
 
 
@@ -61,10 +70,10 @@ def test_cli_generate_and_caption(model_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_messages(model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match="not a model directory"):
         main(["generate", "x", "--model", str(tmp_path / "nope")])
     (tmp_path / "bad.png").write_bytes(b"junk")
-    with pytest.raises(SystemExit, match="cannot read"):
+    with pytest.raises(SystemExit, match="not a readable image"):
         main(["caption", str(tmp_path / "bad.png"), "--model", str(model_dir)])
 
 

@@ -1,7 +1,7 @@
 """Image files and tensors -> (C, R, R) float tensors in [-1, 1] at the model's format.
 
-Files: convert to grey or RGB, resize the short side to R (bicubic), center-crop to R×R.
-Tensors (the bundled datasets): convert channels (grey <-> RGB) and resize when R differs.
+Files, PIL images and uint8 arrays are converted to grey or RGB and become tensors; every tensor is
+then resized (short side to R, bilinear with antialiasing) and center-cropped to R×R (`fit_tensor`).
 `load_image` raises `UnreadableImage` for a missing, truncated or non-image file, so the data
 pipeline can skip that item and count it instead of stopping the run.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -18,27 +19,62 @@ from PIL import Image
 from torch import Tensor
 
 
-class UnreadableImage(Exception):
-    """An image that cannot be used (missing, corrupt, unsupported); the message names it."""
+class UnreadableImage(ValueError):
+    """An image that cannot be used (missing, corrupt, unsupported mode or size); the message names it."""
+
+
+MAX_ASPECT = 4.0  # a longer side over 4× the shorter one would lose most of the image to the center crop
+
+
+def check_size(width: int, height: int, name: str = "image") -> None:
+    """Raise `UnreadableImage` for an image too small or too elongated to resize and center-crop."""
+    if min(width, height) < 2:
+        raise UnreadableImage(f"{name} is {width}×{height} pixels: images need at least 2 pixels on each side")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UnreadableImage(f"{name} is {width}×{height} pixels: an aspect ratio over {MAX_ASPECT:g}:1 would lose "
+                              "most of it to the center crop; crop it closer to square first")
 
 
 def fit_pil(image: Image.Image, channels: int, resolution: int) -> Tensor:
-    """PIL image -> (channels, resolution, resolution) in [-1, 1]: short side resized, center-cropped."""
+    """PIL image -> (channels, resolution, resolution) in [-1, 1]: converted to L or RGB (alpha over
+    black), then resized and center-cropped like a tensor (`fit_tensor`), so files, arrays and
+    tensors all meet the model through one resampling rule."""
+    check_size(*image.size)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scale to 8 bits first
+        arr = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(arr * 255.0 / max(arr.max(), 1.0), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        image = Image.fromarray(_over_black(np.asarray(image.convert("RGBA"), dtype=np.uint8)))
     image = image.convert("L" if channels == 1 else "RGB")
-    w, h = image.size
-    if (w, h) != (resolution, resolution):
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(image, dtype=np.uint8)
-    arr = arr[..., None] if arr.ndim == 2 else arr  # (R, R, C)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return fit_array(np.asarray(image, dtype=np.uint8), channels, resolution)
+
+
+def _over_black(rgba: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 4) -> (H, W, 3): transparent pixels become black."""
+    return (rgba[..., :3].astype(np.float32) * (rgba[..., 3:] / 255.0)).round().astype(np.uint8)
+
+
+def fit_array(array: np.ndarray, channels: int, resolution: int) -> Tensor:
+    """uint8 (H, W) or (H, W, C) with C in 1, 3, 4 -> (channels, resolution, resolution) in [-1, 1]."""
+    if array.dtype != np.uint8:
+        raise UnreadableImage(f"numpy images must be uint8 (H, W[, C]) in 0..255, got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise UnreadableImage(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    check_size(array.shape[1], array.shape[0])
+    if array.shape[-1] == 4:
+        array = _over_black(array)
+    x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return fit_tensor(x, channels, resolution)
 
 
 def fit_tensor(image: Tensor, channels: int, resolution: int) -> Tensor:
     """(C, H, W) in [-1, 1] -> (channels, resolution, resolution): grey <-> RGB, bilinear resize + crop."""
+    if image.ndim != 3 or not image.is_floating_point():
+        raise UnreadableImage(f"image tensors must be float (C, H, W) in [-1, 1], got {image.dtype} of shape "
+                              f"{tuple(image.shape)}")
+    check_size(image.shape[2], image.shape[1])
     c = image.shape[0]
     if c != channels:
         if c == 1:
@@ -46,7 +82,7 @@ def fit_tensor(image: Tensor, channels: int, resolution: int) -> Tensor:
         elif channels == 1 and c == 3:
             image = (image * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
         else:
-            raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+            raise UnreadableImage(f"cannot convert a {c}-channel image to {channels} channels (give 1 or 3 channels)")
     h, w = image.shape[1:]
     if (h, w) != (resolution, resolution):
         s = resolution / min(h, w)
@@ -57,17 +93,31 @@ def fit_tensor(image: Tensor, channels: int, resolution: int) -> Tensor:
     return image.clamp(-1, 1).contiguous()
 
 
-def load_image(source: str | Path | bytes | Image.Image, channels: int, resolution: int) -> Tensor:
-    """A path, encoded bytes or PIL image -> (channels, resolution, resolution) in [-1, 1].
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, Tensor]
+
+
+def load_image(source: ImageInput, channels: int, resolution: int) -> Tensor:
+    """A path, encoded bytes, PIL image, uint8 array (H, W[, C]) or float tensor (C, H, W) in [-1, 1]
+    -> (channels, resolution, resolution) in [-1, 1].
 
     Raises:
-        UnreadableImage: the file is missing or cannot be decoded.
+        UnreadableImage: the file is missing or cannot be decoded, or the image has an unsupported
+            type, mode, dtype or size; the message names the image and the problem.
     """
+    if isinstance(source, Tensor):
+        return fit_tensor(source, channels, resolution)
+    if isinstance(source, np.ndarray):
+        return fit_array(source, channels, resolution)
     if isinstance(source, Image.Image):
         try:
             return fit_pil(source, channels, resolution)
         except (OSError, ValueError) as e:
-            raise UnreadableImage(f"cannot decode image: {e}") from None
+            if isinstance(e, UnreadableImage):
+                raise
+            raise UnreadableImage(f"cannot convert the {source.mode} image: {e}") from None
+    if not isinstance(source, (str, Path, bytes)):
+        raise UnreadableImage(f"unsupported image type {type(source).__name__}: give a file path, bytes, a PIL "
+                              "image, a uint8 numpy array or a float tensor (C, H, W) in [-1, 1]")
     name = "image bytes" if isinstance(source, bytes) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
@@ -75,5 +125,7 @@ def load_image(source: str | Path | bytes | Image.Image, channels: int, resoluti
             return fit_pil(im, channels, resolution)
     except FileNotFoundError:
         raise UnreadableImage(f"{name}: file not found") from None
+    except UnreadableImage as e:
+        raise UnreadableImage(f"{name}: {e}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f"{name}: not a readable image ({type(e).__name__}: {e})") from None

@@ -1,6 +1,7 @@
 """Training data sources: each is a list of items that become interleaved samples.
 
     digits, shapes     the bundled datasets (no download)
+    dialogues          templated conversations over them (`mmgen.data.dialogues`), in the chat template
     image_folder       a folder of images with a captions JSONL ({"file_name": ..., "text": ...} per line)
     hf                 a Hugging Face `datasets` dataset saved with `save_to_disk` (image and/or text column)
     text               plain-text corpora (a .txt file or a folder of them): text-only LM data
@@ -319,6 +320,10 @@ def build_source(cfg, *, seed: int, channels: int, resolution: int, max_chars: i
         return DigitsSource(cfg, channels, resolution)
     if cfg.kind == "shapes":
         return ShapesSource(cfg, seed, channels, resolution)
+    if cfg.kind == "dialogues":
+        from mmgen.data.dialogues import DialogueSource
+
+        return DialogueSource(_limit(cfg.size, cfg.limit), seed, channels, resolution, cfg.split)
     if cfg.kind == "image_folder":
         return FolderSource(cfg, channels, resolution, verbose)
     if cfg.kind == "hf":

@@ -22,7 +22,7 @@ from mmgen.train.overrides import ConfigError, build, describe, load_file, opt, 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "digits-tiny"
-SOURCE_KINDS = ("digits", "shapes", "image_folder", "hf", "text", "interleaved")
+SOURCE_KINDS = ("digits", "shapes", "dialogues", "image_folder", "hf", "text", "interleaved")
 
 
 @dataclass
@@ -31,13 +31,13 @@ class SourceConfig:
     path: str | None = opt(None, "image_folder: folder; hf: dataset saved with save_to_disk; text: file or folder "
                                  "of .txt; interleaved: JSONL file")
     weight: float = opt(1.0, "relative share of this source in the mixture")
-    split: str = opt("train", "digits: train / test / all; hf: the split of a DatasetDict")
+    split: str = opt("train", "digits, dialogues: the digits split, train / test / all; hf: the split of a DatasetDict")
     captions: str | None = opt(None, "image_folder: captions JSONL (default: PATH/captions.jsonl, else "
                                      "PATH/metadata.jsonl); lines {\"file_name\": ..., \"text\": ...}")
     image_column: str = opt("image", "hf: column with images (PIL images, bytes or paths); absent: text only")
     text_column: str = opt("text", "hf: column with the caption or text")
     text_unit: str = opt("paragraph", "text: one sample per line, paragraph (blank-line separated) or file")
-    size: int = opt(10_000, "shapes: number of procedural images")
+    size: int = opt(10_000, "shapes: number of procedural images; dialogues: conversations per epoch")
     max_objects: int = opt(3, "shapes: most objects per image (1..5)")
     p_image_first: float = opt(0.2, "image-caption sources: share of image -> caption samples")
     caption_dropout: float = opt(0.1, "image-caption sources: share of captions dropped (classifier-free guidance)")
@@ -46,7 +46,7 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"unknown source kind {self.kind!r}{suggest(self.kind, list(SOURCE_KINDS))}")
-        if self.kind not in ("digits", "shapes") and not self.path:
+        if self.kind not in ("digits", "shapes", "dialogues") and not self.path:
             raise ConfigError(f"a {self.kind!r} source needs a path")
         if self.weight <= 0:
             raise ConfigError(f"source weight must be > 0, got {self.weight}")
@@ -163,8 +163,9 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    digits: int = opt(0, "after training: generate N images per digit (judged by a digits classifier) and caption "
-                         "the 297 held-out digits; writes OUT/eval.json and OUT/digits_grid.png (0: off)")
+    digits: int = opt(0, "after training: generate N images per digit (judged by a digits classifier, at the "
+                         "model's image format) and caption the 297 held-out digits; writes OUT/eval.json and "
+                         "OUT/digits_grid.png (0: off)")
     image_steps: int = opt(0, "denoising steps of the digits evaluation (0: the interface's default)")
     guidance: float = opt(3.0, "classifier-free guidance scale of the digits evaluation")
 

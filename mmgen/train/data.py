@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmgen.chat_template import Message, render
 from mmgen.data.sources import DataError, Source, UnreadableItem
 from mmgen.sequence import SequenceBuilder
 from mmgen.train.packing import Item, Packer
@@ -105,7 +106,10 @@ class TrainDataset(Dataset):
                                     "or raise data.max_skips") from None
 
     def tokenize(self, sample) -> Item:
-        """Sample -> Item; a text-only sample over the maximum length is cut, any other failure is unreadable."""
+        """Sample (or conversation) -> Item; a text-only sample over the maximum length is cut, any other
+        failure is unreadable."""
+        if sample and isinstance(sample[0], Message):  # a conversation: the chat template renders it
+            sample = render(sample, self.builder.tok, lambda image: image, generation_prompt=False)
         try:
             return Item(*self.builder.tokens(sample))
         except ValueError as e:

@@ -87,9 +87,6 @@ class Trainer:
 
         model_cfg, image_tokenizer = resolve_model(c.model, load_weights=True)
         img = model_cfg.image
-        if c.eval.digits and (img.channels, img.resolution) != (1, 8):  # checked now, not after hours of training
-            raise ConfigError(f"eval.digits needs a model of 8×8 grey images (the bundled digits); this one makes "
-                              f"{img.channels}-channel {img.resolution}×{img.resolution} images: set --eval.digits=0")
         max_length = model_cfg.backbone.max_position_embeddings
         self.sources = [build_source(s, seed=c.seed, channels=img.channels, resolution=img.resolution,
                                      max_chars=4 * max_length, verbose=self.main) for s in c.data.sources]

@@ -1,0 +1,56 @@
+"""`python -m mmgen.bundle RUN_DIR [--out DIR]`: package a trained model as the bundled default.
+
+Copies `config.json` and `tokenizer.model` from the output directory of `mmgen train` and writes the
+weights as float16 safetensors (half the size; loading casts them back to the model's float32).
+The default destination is `mmgen/assets/chat-tiny`, which `Chat.from_pretrained()` and the CLI
+load when no model is given. The bundled model was made with
+
+    mmgen train chat-tiny && python -m mmgen.bundle runs/chat-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmgen.assets import DEFAULT_MODEL
+
+FILES = ("config.json", "tokenizer.model")
+WEIGHTS = "model.safetensors"
+
+
+def bundle(run: str | Path, out: str | Path = DEFAULT_MODEL) -> Path:
+    """Write the model of `run` to `out` (config, tokenizer, float16 weights); returns `out`."""
+    run, out = Path(run), Path(out)
+    missing = [f for f in (*FILES, WEIGHTS) if not (run / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run} lacks {missing}: give the output directory of a finished `mmgen train` run")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(run / WEIGHTS))
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(half, str(tmp), metadata={"format": "pt", "source": str(run)})
+    os.replace(tmp, out / WEIGHTS)
+    for f in FILES:
+        shutil.copyfile(run / f, out / f)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mmgen.bundle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="output directory of `mmgen train`")
+    p.add_argument("--out", default=str(DEFAULT_MODEL), help=f"destination (default: {DEFAULT_MODEL})")
+    args = p.parse_args(argv)
+    out = bundle(args.run, args.out)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"{out}: {size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Chat: role/content messages with text and images in, the assistant's turn (text and images) out.
+
+    from mmgen.chat import Chat
+    chat = Chat.from_pretrained()                       # the bundled model; or a directory from `mmgen train`
+    reply = chat([{"role": "user", "content": "draw a red circle"}])
+    # ['here is a red circle in the center.', <PIL.Image.Image 16x16>]
+    for event in chat.stream(messages): ...             # TextDelta / ImageStart / ImageStep / ImageDone / Done
+
+Messages follow `mmgen.chat_template` (images in any accepted form; user text cannot inject special
+tokens). Options are `GenerationOptions` fields (max_new_tokens, temperature, top_p, top_k,
+guidance, sampler, image_steps, …) plus `seed`, `image` ("auto": the model decides, "always":
+the answer starts with an image, "never": text only), `size` (checked against the model's image
+size) and `scale` (nearest-neighbour upscaling of returned images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmgen.assets import DEFAULT_MODEL
+from mmgen.chat_template import ChatError, Message, parse_messages, render
+from mmgen.generation import GenerationOptions
+from mmgen.pipeline import Pipeline, to_pil
+from mmgen.tokenizers.image import ImageTokens
+
+IMAGE_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class TextDelta:
+    text: str
+    type: str = "text"
+
+
+@dataclass
+class ImageStart:
+    index: int  # the image's place among this turn's images
+    type: str = "image_start"
+
+
+@dataclass
+class ImageStep:
+    step: int  # 1-based
+    steps: int
+    preview: Image.Image | None = None  # the current estimate of the clean image (diffusion interfaces)
+    type: str = "image_step"
+
+
+@dataclass
+class ImageDone:
+    image: Image.Image
+    type: str = "image_done"
+
+
+@dataclass
+class Done:
+    parts: list = field(default_factory=list)  # the whole turn, as `Chat.__call__` returns it
+    type: str = "done"
+
+
+class Chat:
+    """A model with its tokenizer behind a chat interface.
+
+    Args:
+        pipeline: a loaded `Pipeline` (see `from_pretrained`).
+        defaults: generation defaults (greedy text, guidance 3); per-call options override them.
+    """
+
+    def __init__(self, pipeline: Pipeline, defaults: GenerationOptions | None = None):
+        self.pipe = pipeline
+        self.tokenizer, self.model = pipeline.tokenizer, pipeline.model
+        self.defaults = defaults or GenerationOptions(max_new_tokens=48, temperature=0.0, max_images=1)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path | None = None, device: str | torch.device = "cpu") -> Chat:
+        """Load a model directory (`config.json`, `model.safetensors`, `tokenizer.model`); None: the bundled model."""
+        d = Path(directory) if directory is not None else DEFAULT_MODEL
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d} is not a model directory (no config.json); give the output directory of "
+                                    "`mmgen train`, or no path for the bundled model")
+        return cls(Pipeline.from_pretrained(d, device))
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image.resolution
+
+    # -- options and prompts -----------------------------------------------------------------------
+
+    def options(self, image: str = "auto", size: int | None = None, **overrides: Any) -> tuple[GenerationOptions, bool]:
+        """(GenerationOptions, force_image) from the defaults and per-call overrides; raises ChatError."""
+        if image not in IMAGE_MODES:
+            raise ChatError(f"image must be one of {IMAGE_MODES}, got {image!r}")
+        if size is not None and size != self.image_size:
+            raise ChatError(f"this model draws {self.image_size}×{self.image_size} images (its image interface has a "
+                            f"fixed size); drop size={size}, or use scale= to upscale the returned images")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(GenerationOptions)}
+        if unknown:
+            raise ChatError(f"unknown option(s) {sorted(unknown)}; options are the fields of GenerationOptions plus "
+                            "seed, image, size and scale")
+        try:
+            opts = dataclasses.replace(self.defaults, **overrides)
+        except (ValueError, TypeError) as e:
+            raise ChatError(str(e)) from None
+        if image == "never":
+            opts = dataclasses.replace(opts, max_images=0)
+        elif image == "always":
+            opts = dataclasses.replace(opts, max_images=max(1, opts.max_images))
+        return opts, image == "always"
+
+    def prompt(self, messages: Sequence[Any]) -> list:
+        """Messages -> the rendered prompt (segments), ending with `<|assistant|>`; raises ChatError."""
+        parsed = parse_messages(messages)
+        try:
+            sample = render(parsed, self.tokenizer, self.pipe.image)
+        except ValueError as e:  # an unreadable image, or one of an unsupported type, mode or size
+            raise ChatError(str(e)) from None
+        per_image = self.model.config.image.tokens_per_image + 2  # <boi> slots <eoi>
+        n = 1 + sum(len(self.tokenizer.encode(s)) if isinstance(s, str) else len(s) if isinstance(s, list)
+                    else per_image for s in sample)
+        room = self.model.config.backbone.max_position_embeddings
+        if n >= room:
+            raise ChatError(f"the conversation is {n} tokens long and the model holds {room}, with room left to "
+                            "answer: drop earlier messages (/reset in `mmgen chat`) or shorten the message")
+        return sample
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def __call__(self, messages: Sequence[Any], *, seed: int = 0, image: str = "auto", size: int | None = None,
+                 scale: int = 1, **options: Any) -> list:
+        """The assistant's turn for one conversation: an ordered list of text strings and PIL images."""
+        return self.batch([messages], seed=seed, image=image, size=size, scale=scale, **options)[0]
+
+    def batch(self, conversations: Sequence[Sequence[Any]], *, seed: int = 0, image: str = "auto",
+              size: int | None = None, scale: int = 1, **options: Any) -> list[list]:
+        """Answer several conversations at once; conversation i uses seed + i (its answer does not
+        depend on the others)."""
+        return self._generate(conversations, seed, image, size, scale, options)
+
+    def stream(self, messages: Sequence[Any], *, seed: int = 0, image: str = "auto", size: int | None = None,
+               scale: int = 1, previews: bool = False, **options: Any) -> Iterator:
+        """Events as the answer is written: `TextDelta`, `ImageStart`, `ImageStep` (with a preview PIL
+        image when `previews`), `ImageDone`, and finally `Done` with the whole turn. Errors in the
+        input raise before the first event; errors during generation are re-raised by the iterator."""
+        opts, force = self.options(image, size, **options)
+        prompt = self.prompt(messages)  # validate before starting the worker
+        events: queue.Queue = queue.Queue()
+        state = {"ids": [], "text": "", "images": 0}
+
+        def on_event(e: dict) -> None:
+            kind = e["type"]
+            if kind == "token":
+                state["ids"].append(e["id"])
+                text = self.tokenizer.decode(state["ids"])
+                if len(text) > len(state["text"]) and text.startswith(state["text"]):
+                    events.put(TextDelta(text[len(state["text"]):]))
+                state["text"] = text
+            elif kind == "image_start":
+                state["ids"], state["text"] = [], ""
+                events.put(ImageStart(state["images"]))
+            elif kind == "image_step":
+                preview = None
+                if previews and torch.is_tensor(e.get("denoised")):
+                    latents = e["denoised"][:1].to(self.model.dtype)  # (1, c, G, G)
+                    preview = to_pil(self.model.decode_images(ImageTokens(latents=latents))[0], scale)
+                events.put(ImageStep(e["i"] + 1, e["steps"], preview))
+            elif kind == "image_done":
+                state["images"] += 1
+                events.put(ImageDone(to_pil(e["image"], scale)))
+
+        def work() -> None:
+            try:
+                parts = self._run([prompt], seed, opts, force, scale, on_event)[0]
+                events.put(Done(parts))
+            except BaseException as e:  # handed to the consumer
+                events.put(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while True:
+            item = events.get()
+            if isinstance(item, BaseException):
+                thread.join()
+                raise item
+            yield item
+            if isinstance(item, Done):
+                thread.join()
+                return
+
+    def _generate(self, conversations, seed, image, size, scale, options) -> list[list]:
+        if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence) or not conversations:
+            raise ChatError("give a non-empty list of conversations (each a list of messages)")
+        opts, force = self.options(image, size, **options)
+        prompts = [self.prompt(c) for c in conversations]
+        return self._run(prompts, seed, opts, force, scale, None)
+
+    def _run(self, prompts, seed, opts, force, scale, on_event) -> list[list]:
+        rows = self.pipe.engine.generate(prompts, opts, seed=seed, force_image=force, stop=[self.tokenizer.end_id],
+                                         on_event=on_event)
+        out = []
+        for row in rows:
+            parts = []
+            for seg in row:
+                if isinstance(seg, list):
+                    text = self.tokenizer.decode(seg).strip()
+                    if text:
+                        parts.append(text)
+                else:
+                    parts.append(to_pil(seg, scale))
+            out.append(parts)
+        return out
+
+
+__all__ = ["Chat", "ChatError", "Done", "ImageDone", "ImageStart", "ImageStep", "Message", "TextDelta"]
