@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--docs", default=None, help="write the README's PNGs and a sample conversation here")
+    p.add_argument("--docs", default=None, help="write the README's digits and shapes grids here")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     chat = Chat.from_pretrained(args.model)
@@ -171,10 +171,6 @@ def main() -> None:
         save_grid(drawn.view(10, n, *drawn.shape[1:])[:, :8], out / "digits.png", scale=4)
         grid = torch.stack([im if im is not None else torch.zeros(3, c.resolution, c.resolution) for im in shapes_chat])
         save_grid(grid.view(len(combos), n, *grid.shape[1:])[:, :8], out / "shapes.png", scale=4)
-        for k, (ask, reply) in enumerate(transcript):
-            for p in reply:
-                if not isinstance(p, str):
-                    p.resize((p.width * 8, p.height * 8), 0).save(out / f"conversation_{k}.png")
 
 
 if __name__ == "__main__":

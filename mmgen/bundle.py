@@ -35,6 +35,7 @@ def bundle(run: str | Path, out: str | Path = DEFAULT_MODEL) -> Path:
     half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(half, str(tmp), metadata={"format": "pt", "source": str(run)})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out / WEIGHTS)
     for f in FILES:
         shutil.copyfile(run / f, out / f)

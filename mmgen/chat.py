@@ -203,8 +203,11 @@ class Chat:
         return self._run(prompts, seed, opts, force, scale, None)
 
     def _run(self, prompts, seed, opts, force, scale, on_event) -> list[list]:
-        rows = self.pipe.engine.generate(prompts, opts, seed=seed, force_image=force, stop=[self.tokenizer.end_id],
-                                         on_event=on_event)
+        try:
+            rows = self.pipe.engine.generate(prompts, opts, seed=seed, force_image=force,
+                                             stop=[self.tokenizer.end_id], on_event=on_event)
+        except ValueError as e:  # e.g. no room left in the context for a forced image
+            raise ChatError(str(e)) from None
         out = []
         for row in rows:
             parts = []
