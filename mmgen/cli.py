@@ -151,12 +151,8 @@ def cmd_chat(args) -> None:
     from mmgen.chat import Chat
     from mmgen.chat_repl import run
 
-    chat = Chat(_load(args.model))
-    opts = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0)
-    fields = {f: getattr(opts, f) for f in ("max_new_tokens", "temperature", "top_p", "top_k", "image_steps",
-                                              "image_temperature", "image_top_k", "sampler", "schedule", "shift",
-                                              "eta", "guidance", "cache_threshold")}
-    run(chat, args.message or None, args.out_dir, scale=args.scale, seed=args.seed, options=fields)
+    defaults = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0)
+    run(Chat(_load(args.model), defaults), args.message or None, args.out_dir, scale=args.scale, seed=args.seed)
 
 
 class _progress:
