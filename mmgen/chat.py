@@ -67,6 +67,10 @@ class Done:
     type: str = "done"
 
 
+class _Cancelled(Exception):
+    """Raised inside the streaming worker once its consumer has stopped listening."""
+
+
 class Chat:
     """A model with its tokenizer behind a chat interface.
 
@@ -155,7 +159,11 @@ class Chat:
         events: queue.Queue = queue.Queue()
         state = {"ids": [], "text": "", "images": 0}
 
+        cancelled = threading.Event()  # set when the consumer stops iterating: the worker stops at its next event
+
         def on_event(e: dict) -> None:
+            if cancelled.is_set():
+                raise _Cancelled
             kind = e["type"]
             if kind == "token":
                 state["ids"].append(e["id"])
@@ -180,20 +188,24 @@ class Chat:
             try:
                 parts = self._run([prompt], seed, opts, force, scale, on_event)[0]
                 events.put(Done(parts))
+            except _Cancelled:
+                pass
             except BaseException as e:  # handed to the consumer
                 events.put(e)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        while True:
-            item = events.get()
-            if isinstance(item, BaseException):
-                thread.join()
-                raise item
-            yield item
-            if isinstance(item, Done):
-                thread.join()
-                return
+        try:
+            while True:
+                item = events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Done):
+                    return
+        finally:  # also when the consumer breaks out early
+            cancelled.set()
+            thread.join()
 
     def _generate(self, conversations, seed, image, size, scale, options) -> list[list]:
         if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence) or not conversations:

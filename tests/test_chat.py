@@ -137,6 +137,18 @@ def test_batch_rows_do_not_depend_on_each_other(chat):
     assert both[1][0].tobytes() == alone[0][0].tobytes()
 
 
+def test_leaving_a_stream_early_stops_its_worker(chat):
+    forwards = []
+    hook = chat.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        stream = chat.stream([{"role": "user", "content": "draw a 4"}], image="always", image_steps=50)
+        assert isinstance(next(stream), ImageStart)
+        stream.close()  # joins the worker, which stops at its next event instead of running 50 steps
+    finally:
+        hook.remove()
+    assert len(forwards) < 10
+
+
 def test_stream_reraises_errors_from_the_worker(chat, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("engine failed")
