@@ -155,8 +155,12 @@ class SampleConfig:
     every: int = opt(0, "draw a PNG grid from the prompts every N steps and at the end (0: never)")
     prompts: list[str] = opt([], "fixed prompts, one grid row each")
     per_prompt: int = opt(4, "images per prompt")
-    image_steps: int = opt(25, "denoising steps (diffusion interfaces)")
+    image_steps: int = opt(0, "denoising steps (0: the interface's default: 25 in the backbone, the MLP head's own)")
     guidance: float = opt(3.0, "classifier-free guidance scale")
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.image_steps < 0 or self.per_prompt < 1 or self.scale < 1:
+            raise ConfigError("samples.every and image_steps must be >= 0, per_prompt and scale >= 1")
     seed: int = opt(0, "sampling seed (the same images each time for the same weights)")
     scale: int = opt(4, "nearest-neighbour upscaling of the PNG")
 

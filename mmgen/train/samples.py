@@ -28,7 +28,7 @@ def draw_grid(model: MMGenModel, tokenizer: TextTokenizer, ema: EMA | None, cfg,
             ema.swap(model)
         try:
             images = Pipeline(model, tokenizer).draw(
-                prompts, GenerationOptions(image_steps=cfg.image_steps, guidance=cfg.guidance), seed=cfg.seed)
+                prompts, GenerationOptions(image_steps=cfg.image_steps or None, guidance=cfg.guidance), seed=cfg.seed)
         finally:
             if ema is not None:
                 ema.swap(model)
