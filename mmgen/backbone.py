@@ -1,8 +1,10 @@
 """LLaMA decoder: RMSNorm, RoPE (HF split-halves convention), SwiGLU, grouped-query attention.
 
 Parameter names match Hugging Face `LlamaModel` (`layers.{i}.self_attn.q_proj.weight`, ...), so HF
-weights load with an identity key map. Attention takes an explicit boolean mask (True = attend)
-built by `mmgen.sequence`; the KV cache also carries the per-key metadata that mask needs.
+weights load with an identity key map. Every layer reads one `AttentionContext`: rotary cos/sin,
+an explicit boolean mask (True = attend) built by `mmgen.sequence`, and the KV cache (which also
+carries the per-key metadata that mask needs). `run_layers(x, ctx, start, stop)` runs any slice of
+the layers, so wrappers (First Block Cache, checkpointing, compilation) need no branch in here.
 
 Shapes: B batch, T query tokens, S key tokens (cache + chunk), D hidden, H query heads,
 K key/value heads, E head dim.
@@ -17,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmgen.config import BackboneConfig
-from mmgen.diffusion.step_cache import FirstBlockCache
 
 
 class RMSNorm(nn.Module):
@@ -104,6 +105,26 @@ def pad_and_stack(caches: list[KVCache]) -> KVCache:
     )
 
 
+@dataclass
+class AttentionContext:
+    """What every layer reads besides its input: rotary cos/sin (B, 1, T, E), the boolean mask
+    (B, 1, T, S) and the cache of earlier keys (None: the chunk is the whole sequence)."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor
+    cache: KVCache | None = None
+
+    def past(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """Cached keys/values (B, K, S − T, E) of one layer, or None."""
+        return (self.cache.keys[layer], self.cache.values[layer]) if self.cache is not None else None
+
+    def select(self, rows: Tensor) -> AttentionContext:
+        """The same context for a subset of the batch rows (B',)."""
+        cache = self.cache.select(rows) if self.cache is not None else None
+        return AttentionContext(self.cos[rows], self.sin[rows], self.mask[rows], cache)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
@@ -169,49 +190,24 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
-    def forward(
-        self, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCache | None = None,
-        step_cache: FirstBlockCache | None = None,
+    def context(self, positions: Tensor, mask: Tensor, cache: KVCache | None = None) -> AttentionContext:
+        """positions (B, T), mask (B, 1, T, S), an optional cache of S − T earlier keys -> the layers' context."""
+        cos, sin = self.rotary(positions, self.embed_tokens.weight.dtype)
+        return AttentionContext(cos, sin, mask, cache if cache is not None and cache.length else None)
+
+    def run_layers(
+        self, x: Tensor, ctx: AttentionContext, start: int = 0, stop: int | None = None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Run the layers over embeddings.
+        """Layers [start, stop) over x (B, T, D) -> their output (B, T, D), not normed, and each
+        layer's keys/values (B, K, S, E) over cache + chunk."""
+        kv = []
+        for i in range(start, len(self.layers) if stop is None else stop):
+            x, layer_kv = self.layers[i](x, ctx.cos, ctx.sin, ctx.mask, ctx.past(i))
+            kv.append(layer_kv)
+        return x, kv
 
-        Args:
-            x: input embeddings (B, T, D).
-            positions: RoPE positions (B, T).
-            mask: boolean attention mask (B, 1, T, S), S = cache length + T.
-            cache: keys/values of earlier tokens, or None (the caller decides whether to keep the new ones).
-            step_cache: First Block Cache state across denoising steps; when every row reuses its
-                cache only the first block runs and no keys/values are returned.
-
-        Returns:
-            final-normed hidden states (B, T, D) and per-layer keys/values over all S keys.
-        """
-        cos, sin = self.rotary(positions, x.dtype)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            past = (cache.keys[i], cache.values[i]) if cache is not None and cache.keys else None
-            x_in = x
-            x, kv = layer(x, cos, sin, mask, past)
-            new_kv.append(kv)
-            if i == 0 and step_cache is not None:
-                first_residual, after_first = x - x_in, x
-                hit = step_cache.decide(first_residual)
-                if hit.any():  # rows that reuse skip the remaining blocks; the others run them alone
-                    rest = self._rest_with_reuse(x, first_residual, hit, cos, sin, mask, cache, step_cache)
-                    return self.norm(x + rest), []
-        if step_cache is not None:
-            step_cache.update(first_residual, x - after_first, hit)
-        return self.norm(x), new_kv
-
-    def _rest_with_reuse(self, x, first_residual, hit, cos, sin, mask, cache, step_cache) -> Tensor:
-        """Residual of layers 1.. for every row: cached where `hit`, computed on the missing rows only."""
-        miss = (~hit).nonzero().flatten()
-        rest = step_cache.rest.clone()  # (B, T, D)
-        if len(miss):
-            h = x[miss]
-            for i, layer in enumerate(self.layers[1:], start=1):
-                past = (cache.keys[i][miss], cache.values[i][miss]) if cache is not None and cache.keys else None
-                h, _ = layer(h, cos[miss], sin[miss], mask[miss], past)
-            rest[miss] = h - x[miss]
-        step_cache.update(first_residual, rest, hit)
-        return rest
+    def forward(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """All layers over embeddings x (B, T, D), then the final norm; returns hidden states
+        (B, T, D) and per-layer keys/values over cache + chunk."""
+        x, kv = self.run_layers(x, ctx)
+        return self.norm(x), kv

@@ -12,37 +12,36 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmgen.assets import DEFAULT_MODEL
+from mmgen.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save_file
 
-FILES = ("config.json", "tokenizer.model")
-WEIGHTS = "model.safetensors"
+FILES = (TOKENIZER_FILE, CONFIG_FILE)  # copied as they are, after the weights; config.json last
 
 
 def bundle(run: str | Path, out: str | Path = DEFAULT_MODEL) -> Path:
     """Write the model of `run` to `out` (config, tokenizer, float16 weights); returns `out`."""
     run, out = Path(run), Path(out)
-    missing = [f for f in (*FILES, WEIGHTS) if not (run / f).is_file()]
+    missing = [f for f in (*FILES, WEIGHTS_FILE) if not (run / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{run} lacks {missing}: give the output directory of a finished `mmgen train` run")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = load_file(str(run / WEIGHTS))
+    tensors = load_file(str(run / WEIGHTS_FILE))
     half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(half, str(tmp), metadata={"format": "pt", "source": str(run)})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / WEIGHTS)
+    save_file(half, out / WEIGHTS_FILE, metadata={"format": "pt", "source": str(run)})
     for f in FILES:
-        shutil.copyfile(run / f, out / f)
+        atomic_write(out / f, (run / f).read_bytes())
+    for f in (WEIGHTS_FILE, *FILES):
+        os.chmod(out / f, 0o644)  # readable by all, whatever the umask: the files ship in the package
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m mmgen.bundle RUN_DIR [--out DIR]`; prints the destination and its size."""
     p = argparse.ArgumentParser(prog="python -m mmgen.bundle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="output directory of `mmgen train`")

@@ -16,8 +16,6 @@ size) and `scale` (nearest-neighbour upscaling of returned images).
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmgen import events
 from mmgen.assets import DEFAULT_MODEL
 from mmgen.chat_template import ChatError, Message, parse_messages, render
 from mmgen.generation import GenerationOptions
@@ -65,10 +64,6 @@ class ImageDone:
 class Done:
     parts: list = field(default_factory=list)  # the whole turn, as `Chat.__call__` returns it
     type: str = "done"
-
-
-class _Cancelled(Exception):
-    """Raised inside the streaming worker once its consumer has stopped listening."""
 
 
 class Chat:
@@ -153,73 +148,57 @@ class Chat:
                scale: int = 1, previews: bool = False, **options: Any) -> Iterator:
         """Events as the answer is written: `TextDelta`, `ImageStart`, `ImageStep` (with a preview PIL
         image when `previews`), `ImageDone`, and finally `Done` with the whole turn. Errors in the
-        input raise before the first event; errors during generation are re-raised by the iterator."""
+        input raise before the first event. Leaving the loop early stops generation at its next event."""
         opts, force = self.options(image, size, **options)
-        prompt = self.prompt(messages)  # validate before starting the worker
-        events: queue.Queue = queue.Queue()
-        state = {"ids": [], "text": "", "images": 0}
-
-        cancelled = threading.Event()  # set when the consumer stops iterating: the worker stops at its next event
-
-        def on_event(e: dict) -> None:
-            if cancelled.is_set():
-                raise _Cancelled
-            kind = e["type"]
-            if kind == "token":
-                state["ids"].append(e["id"])
-                text = self.tokenizer.decode(state["ids"])
-                if len(text) > len(state["text"]) and text.startswith(state["text"]):
-                    events.put(TextDelta(text[len(state["text"]):]))
-                state["text"] = text
-            elif kind == "image_start":
-                state["ids"], state["text"] = [], ""
-                events.put(ImageStart(state["images"]))
-            elif kind == "image_step":
-                preview = None
-                if previews and torch.is_tensor(e.get("denoised")):
-                    latents = e["denoised"][:1].to(self.model.dtype)  # (1, c, G, G)
-                    preview = to_pil(self.model.decode_images(ImageTokens(latents=latents))[0], scale)
-                events.put(ImageStep(e["i"] + 1, e["steps"], preview))
-            elif kind == "image_done":
-                state["images"] += 1
-                events.put(ImageDone(to_pil(e["image"], scale)))
-
-        def work() -> None:
-            try:
-                parts = self._run([prompt], seed, opts, force, scale, on_event)[0]
-                events.put(Done(parts))
-            except _Cancelled:
-                pass
-            except BaseException as e:  # handed to the consumer
-                events.put(e)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        prompt = self.prompt(messages)
+        ids: list[int] = []  # the text tokens since the last image
+        text, images = "", 0
         try:
-            while True:
-                item = events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Done):
-                    return
-        finally:  # also when the consumer breaks out early
-            cancelled.set()
-            thread.join()
+            for e in self.pipe.engine.stream([prompt], opts, seed=seed, force_image=force,
+                                             stop=[self.tokenizer.end_id]):
+                if isinstance(e, events.Token):
+                    ids.append(e.id)
+                    new = self.tokenizer.decode(ids)
+                    if len(new) > len(text) and new.startswith(text):
+                        yield TextDelta(new[len(text):])
+                    text = new
+                elif isinstance(e, events.ImageStart):
+                    ids, text = [], ""
+                    yield ImageStart(images)
+                elif isinstance(e, events.ImageStep):
+                    yield ImageStep(e.step, e.steps, self._preview(e.denoised, scale) if previews else None)
+                elif isinstance(e, events.ImageDone):
+                    images += 1
+                    yield ImageDone(to_pil(e.image, scale))
+                elif isinstance(e, events.Done):
+                    yield Done(self._parts(e.outputs, scale)[0])
+        except ValueError as e:  # e.g. an image option the model's interface does not take
+            raise ChatError(str(e)) from None
+
+    def _preview(self, denoised, scale: int) -> Image.Image | None:
+        """The current clean estimate (1, c, G, G) as a PIL image, for interfaces that have one."""
+        if denoised is None:
+            return None
+        latents = denoised[:1].to(self.model.dtype)
+        return to_pil(self.model.decode_images(ImageTokens(latents=latents))[0], scale)
 
     def _generate(self, conversations, seed, image, size, scale, options) -> list[list]:
         if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence) or not conversations:
             raise ChatError("give a non-empty list of conversations (each a list of messages)")
         opts, force = self.options(image, size, **options)
         prompts = [self.prompt(c) for c in conversations]
-        return self._run(prompts, seed, opts, force, scale, None)
+        return self._run(prompts, seed, opts, force, scale)
 
-    def _run(self, prompts, seed, opts, force, scale, on_event) -> list[list]:
+    def _run(self, prompts, seed, opts, force, scale) -> list[list]:
         try:
             rows = self.pipe.engine.generate(prompts, opts, seed=seed, force_image=force,
-                                             stop=[self.tokenizer.end_id], on_event=on_event)
+                                             stop=[self.tokenizer.end_id])
         except ValueError as e:  # e.g. no room left in the context for a forced image
             raise ChatError(str(e)) from None
+        return self._parts(rows, scale)
+
+    def _parts(self, rows: list[list], scale: int) -> list[list]:
+        """Engine outputs (token-id lists and image tensors per row) -> text strings and PIL images."""
         out = []
         for row in rows:
             parts = []

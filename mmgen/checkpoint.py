@@ -1,66 +1,30 @@
-"""Save/load: `config.json` + `model.safetensors` (+ `tokenizer.model`), and HF Llama import.
+"""Hugging Face Llama / Qwen2 weights into an mmgen model, through one declarative key map.
 
-Nothing is unpickled: weights are safetensors, configs JSON. Files are written to a temporary
-name and renamed, so an interrupted save never leaves a half-written file under the real name.
-HF Llama/Qwen2 weights come in through one declarative key map.
+Reads a local HF directory (`config.json` + `*.safetensors`, sharded or not); pickled `.bin`
+checkpoints are refused. mmgen's own save / load is `MMGenModel.save_pretrained` /
+`from_pretrained` (`mmgen.files`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file
 
-from mmgen.config import BackboneConfig, ModelConfig
+from mmgen.config import BackboneConfig
+from mmgen.files import CONFIG_FILE
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_pretrained(model, directory: str | Path, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and (if given) the text tokenizer to `directory`."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / WEIGHTS, lambda p: save_model(model, str(p), metadata={"format": "pt"}))
-    if tokenizer is not None:
-        from mmgen.tokenizers.text import FILENAME
-
-        _atomic_write(d / FILENAME, lambda p: p.write_bytes(tokenizer.model_proto))
-    _atomic_write(d / CONFIG, lambda p: model.config.save(p))
-
-
-def load_pretrained(directory: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a model saved by `save_pretrained`; raises naming any missing or mismatched file."""
+if TYPE_CHECKING:
     from mmgen.model import MMGenModel
-
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"model directory {d} does not exist")
-    for name in (CONFIG, WEIGHTS):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} is missing: not a complete mmgen model directory")
-    model = MMGenModel(ModelConfig.load(d / CONFIG))
-    missing, unexpected = load_model(model, str(d / WEIGHTS), strict=False, device=str(device))
-    if missing or unexpected:
-        raise ValueError(
-            f"{d / WEIGHTS} does not match {d / CONFIG}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    return model.to(device).eval()
 
 
 # HF parameter name -> mmgen parameter name. The backbone uses HF names, so this is the identity
 # on every backbone key; listing them keeps the contract in one place.
 def hf_key_map(cfg: BackboneConfig) -> dict[str, str]:
+    """HF parameter name -> mmgen parameter name for every backbone weight of `cfg`."""
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     per_layer = [
         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
@@ -76,13 +40,14 @@ def hf_key_map(cfg: BackboneConfig) -> dict[str, str]:
 
 
 def read_hf_config(directory: str | Path) -> BackboneConfig:
-    path = Path(directory) / "config.json"
+    """The `BackboneConfig` of an HF model directory's config.json; raises if the file is missing."""
+    path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: expected a Hugging Face model directory")
     return BackboneConfig.from_hf(json.loads(path.read_text()))
 
 
-def load_hf_llama(model, directory: str | Path) -> None:
+def load_hf_llama(model: MMGenModel, directory: str | Path) -> None:
     """Copy a local HF Llama checkpoint (config.json + *.safetensors, sharded or not) into `model`'s
     backbone. The backbone config must match; a larger mmgen vocabulary keeps its extra rows (the
     special tokens mmgen adds) and takes the HF rows for the rest."""

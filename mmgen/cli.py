@@ -4,12 +4,13 @@ command-line entry points."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from mmgen.diffusion.samplers import SAMPLERS
+from mmgen.files import CONFIG_FILE, save_image_grid
+
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)") -> None:
     p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
@@ -39,9 +40,8 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperat
 
 
 def _options(args, **overrides):
-    from mmgen.generation import GenerationOptions
-
     from mmgen.diffusion.guidance import Guidance
+    from mmgen.generation import GenerationOptions
 
     guidance = Guidance(
         scale=args.guidance, kind=args.guidance_kind, eta=args.apg_eta, norm_threshold=args.apg_norm,
@@ -62,13 +62,14 @@ def _load(directory: str | None):
     from mmgen.pipeline import Pipeline
 
     d = Path(directory) if directory else DEFAULT_MODEL
-    if not (d / "config.json").is_file():
+    if not (d / CONFIG_FILE).is_file():
         raise SystemExit(f"error: {d} is not a model directory (no config.json); give the output directory of "
                          "`mmgen train`, or leave out --model for the bundled model")
     return Pipeline.from_pretrained(d)
 
 
 def cmd_generate(args) -> None:
+    """`mmgen generate PROMPT`: draw images and save them as PNG files (or one grid)."""
     import torch
 
     from mmgen.pipeline import to_pil
@@ -82,9 +83,7 @@ def cmd_generate(args) -> None:
         to_pil(images[0], args.scale).save(out)
         print(out)
     elif args.grid:
-        from mmgen.evaluation import save_grid
-
-        save_grid(torch.stack(images)[None], out, scale=args.scale)
+        save_image_grid(torch.stack(images), out, scale=args.scale)
         print(out)
     else:
         for i, img in enumerate(images):
@@ -94,6 +93,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_caption(args) -> None:
+    """`mmgen caption IMAGE...`: print one caption per image file."""
     pipe = _load(args.model)
     for path, text in zip(args.images, pipe.caption(args.images, _options(args, max_new_tokens=args.max_new_tokens,
                                                                               temperature=args.temperature or 0.0,
@@ -102,10 +102,12 @@ def cmd_caption(args) -> None:
 
 
 def cmd_train_tokenizer(args) -> None:
+    """`mmgen train-tokenizer --kind KIND --data DATA`: train and save an image tokenizer."""
     import torch
 
     from mmgen.config import ImageTokenizerConfig
-    from mmgen.train.tokenizer import load_images, source_defaults, train_image_tokenizer
+    from mmgen.data.image_sets import load_images
+    from mmgen.train.tokenizer import source_defaults, train_image_tokenizer
 
     torch.set_num_threads(args.threads) if args.threads else None
     d = source_defaults(args.data)
@@ -127,6 +129,7 @@ def cmd_train_tokenizer(args) -> None:
 
 
 def cmd_compare_tokenizers(args) -> None:
+    """`mmgen compare-tokenizers DIR_OR_KIND...`: the comparison table, JSON and PNG grid."""
     import torch
 
     from mmgen.compare import compare_tokenizers, render_markdown
@@ -148,6 +151,7 @@ def cmd_compare_tokenizers(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    """`mmgen chat`: the interactive chat (or the scripted lines of -m)."""
     from mmgen.chat import Chat
     from mmgen.chat_repl import run
 
@@ -176,6 +180,7 @@ class _progress:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command in `argv` (default: the process arguments); errors exit with a one-line message."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":
         from mmgen.train.entrypoint import main as train_main
@@ -189,6 +194,15 @@ def main(argv: list[str] | None = None) -> None:
 
         text_tokenizer_main(argv[1:])
         return
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command but `train` and `train-text-tokenizer` (listed for --help only)."""
     parser = argparse.ArgumentParser(prog="mmgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -223,10 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     _sampling_args(p, temperature="text temperature (default 0 = greedy)")
     p.set_defaults(fn=cmd_chat)
+    _add_image_tokenizer_commands(sub)
+    return parser
 
+
+def _add_image_tokenizer_commands(sub) -> None:
+    """`train-tokenizer` and `compare-tokenizers`."""
     p = sub.add_parser("train-tokenizer", help="train a vae / vq / hybrid image tokenizer")
     p.add_argument("--kind", required=True, choices=["vae", "vq", "hybrid"])
-    p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of PNG/JPEG images")
+    p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of images")
     p.add_argument("--out", default=None, help="output directory (default: runs/tokenizers/DATA-KIND)")
     for name, kind in (("resolution", int), ("channels", int), ("downsample", int), ("latent-channels", int),
                        ("codebook-size", int), ("width", int), ("res-blocks", int), ("steps", int),
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("compare-tokenizers", help="compare image tokenizers on the same held-out images")
     p.add_argument("tokenizers", nargs="+", metavar="DIR_OR_KIND",
                    help="tokenizer directories (or a diffusers AutoencoderKL directory), or kinds to train here")
-    p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of PNG/JPEG images")
+    p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of images")
     p.add_argument("--out", default="runs/compare-tokenizers")
     p.add_argument("--held-out", type=int, default=1000, help="held-out images to evaluate on")
     p.add_argument("--steps", type=int, default=None, help="training steps for kinds trained here")
@@ -253,12 +272,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-digit", type=int, default=20, help="images drawn per digit for --generation")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(fn=cmd_compare_tokenizers)
-
-    args = parser.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

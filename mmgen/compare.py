@@ -1,8 +1,7 @@
 """Compare image tokenizers on the same held-out images: one row (a dict) per tokenizer.
 
-Columns: PSNR, SSIM (Gaussian window, Wang et al. 2004), Fréchet Wavelet Distance (pytorchfwd's
-packet transform and Fréchet distance; no downloaded network), codebook usage and perplexity
-(discrete kinds), tokens and bits per image, parameters, encode / decode throughput. Bits per image:
+Columns (metrics from `mmgen.metrics`): PSNR, SSIM, Fréchet Wavelet Distance, codebook usage and
+perplexity (discrete kinds), tokens and bits per image, parameters, encode / decode throughput. Bits per image:
 codes cost log2 K bits per token; continuous latents 16 bits (fp16) per element; hybrid pays both.
 Rows are plain dicts so other modes (e.g. generation metrics) can add columns; `render_markdown`
 renders any list of them. Outputs: markdown on stdout, `comparison.json`, `comparison.png`.
@@ -16,115 +15,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mmgen.tokenizers.image import ImageTokenizer, ImageTokens
+from mmgen.config import ImageTokenizerConfig
+from mmgen.data.image_sets import load_images
+from mmgen.files import CONFIG_FILE, save_image_grid, write_json
+from mmgen.metrics import code_statistics_of, frechet_wavelet_distance, fwd_level, psnr, ssim
+from mmgen.tokenizers.image import ImageTokenizer, PixelTokenizer, load_image_tokenizer, reconstruct
+from mmgen.train.tokenizer import source_defaults, train_image_tokenizer
 
-PSNR_CAP = 100.0  # dB, reported for identical images (MSE 0)
 COLUMNS = ("tokenizer", "kind", "tokens_per_image", "bits_per_image", "psnr", "psnr_codes_only", "ssim", "fwd",
            "usage", "perplexity", "params", "encode_img_s", "decode_img_s", "train_steps", "train_minutes")
 
 
-# -- metrics --------------------------------------------------------------------------------------
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image PSNR in dB (N,) of images in [-1, 1] (peak = full range); capped at PSNR_CAP."""
-    mse = ((x.double() - y.double()) / 2).pow(2).flatten(1).mean(1)  # on the [0, 1] scale
-    return (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP / 10)))).float()
-
-
-def gaussian_window(size: int, sigma: float) -> Tensor:
-    """Normalized 1-D Gaussian (size,), float64."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    w = torch.exp(-x.pow(2) / (2 * sigma**2))
-    return w / w.sum()
-
-
-def ssim(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
-    """Per-image SSIM (N,) of images in [-1, 1], Wang et al. 2004: an 11-tap Gaussian window
-    (σ = 1.5), K1 = 0.01, K2 = 0.03, data range 1 (images mapped to [0, 1]), population
-    (co)variances, mean over the valid (unpadded) map and over channels. Equals scikit-image's
-    `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    data_range=1)`, whose border crop leaves exactly the valid map. Images smaller than the
-    window use the largest odd window that fits (7 for 8×8 digits)."""
-    if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"ssim needs two image batches of the same shape (N, C, H, W), got {x.shape} and {y.shape}")
-    n, c, h, w = x.shape
-    size = min(window, h - (1 - h % 2), w - (1 - w % 2))
-    if size < 3:
-        raise ValueError(f"images of {h}×{w} are too small for SSIM (need at least 3×3)")
-    g = gaussian_window(size, sigma)
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size).contiguous()  # (C, 1, k, k) depthwise
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, kernel, groups=c)  # (N, C, H−k+1, W−k+1)
-
-    a, b = (x.double() + 1) / 2, (y.double() + 1) / 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1).float()
-
-
-def fwd_level(resolution: int) -> int:
-    """Wavelet packet level for FWD: pytorchfwd's default 4, fewer for small images (2×2 packets)."""
-    return max(1, min(4, int(math.log2(resolution)) - 1))
-
-
-def frechet_wavelet_distance(real: Tensor, fake: Tensor, level: int | None = None) -> float | None:
-    """FWD (Veeramacheneni et al. 2025) between two image sets in [-1, 1], with pytorchfwd's Haar
-    packet transform and Fréchet distance (its CLI defaults: Haar, no log scale), averaged over
-    packets. Returns None when pytorchfwd is not installed.
-
-    Only `pytorchfwd.freq_math` is imported: `pytorchfwd.fwd` imports torchvision and sets torch's
-    global default dtype to float64 at import time.
-    """
-    try:
-        from pytorchfwd.freq_math import calculate_frechet_distance, forward_wavelet_packet_transform
-    except ImportError:
-        return None
-    level = level or fwd_level(real.shape[-1])
-
-    def stats(images: Tensor):
-        x = ((images.double().clamp(-1, 1) + 1) / 2).cpu()  # [0, 1], as pytorchfwd's ToTensor gives
-        packets = forward_wavelet_packet_transform(x, "Haar", level, False)  # (N, P, C, h, w)
-        p = packets.permute(1, 0, 2, 3, 4).flatten(2)  # (P, N, C·h·w)
-        return p.mean(1).numpy(), torch.stack([torch.cov(q.T) for q in p]).numpy()
-
-    (mu1, s1), (mu2, s2) = stats(real), stats(fake)
-    return float(sum(calculate_frechet_distance(mu1[i], s1[i], mu2[i], s2[i]) for i in range(len(mu1))) / len(mu1))
-
-
 # -- running a tokenizer --------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def reconstruct(tokenizer: ImageTokenizer, images: Tensor, batch_size: int = 256, codes_only: bool = False) -> Tensor:
-    """decode(encode(images)) clamped to [-1, 1], float32 (N, C, R, R). `codes_only`: drop the
-    continuous part of hybrid tokens (the VQ-only reconstruction)."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        tokens = tokenizer.encode(images[i : i + batch_size].to(tokenizer.device))
-        if codes_only:
-            tokens = ImageTokens(codes=tokens.codes)
-        out.append(tokenizer.decode(tokens).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
-
-
-@torch.inference_mode()
-def code_statistics_of(tokenizer: ImageTokenizer, images: Tensor, batch_size: int = 256) -> dict[str, float]:
-    """Codebook usage (share of the K codes used at least once) and perplexity over all codes of `images`."""
-    from mmgen.tokenizers.vq import code_statistics
-
-    codes = torch.cat([tokenizer.encode(images[i : i + batch_size].to(tokenizer.device)).codes.cpu()
-                       for i in range(0, len(images), batch_size)])
-    usage, perplexity = code_statistics(codes, tokenizer.config.codebook_size)
-    return {"usage": round(float(usage), 4), "perplexity": round(float(perplexity), 1)}
 
 
 def bits_per_image(tokenizer: ImageTokenizer) -> float:
@@ -198,32 +102,6 @@ def render_markdown(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def save_image_grid(images: Tensor, path: str | Path, scale: int = 4, pad: int = 2,
-                    labels: list[str] | None = None) -> None:
-    """Save (rows, cols, C, H, W) images in [-1, 1] as one PNG (nearest upscaling by `scale`), with
-    optional column labels drawn above."""
-    from PIL import Image, ImageDraw
-
-    rows, cols, c, h, w = images.shape
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    x = x.expand(rows, cols, 3, h, w) if c == 1 else x  # grey -> RGB, so labels and colours mix
-    x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)  # (rows, cols, 3, H·s, W·s)
-    top = 14 if labels else 0
-    hs, ws = h * scale + pad, w * scale + pad
-    canvas = torch.full((3, top + rows * hs + pad, cols * ws + pad), 64, dtype=torch.uint8)
-    for r in range(rows):
-        for k in range(cols):
-            y0, x0 = top + pad + r * hs, pad + k * ws
-            canvas[:, y0 : y0 + h * scale, x0 : x0 + w * scale] = x[r, k]
-    img = Image.fromarray(canvas.permute(1, 2, 0).numpy())
-    if labels:
-        draw = ImageDraw.Draw(img)
-        for k, label in enumerate(labels):
-            draw.text((pad + k * ws + 1, 1), label[: max(1, ws // 6)], fill=(255, 255, 255))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
 # -- the comparison -------------------------------------------------------------------------------
 
 
@@ -232,15 +110,11 @@ def resolve_tokenizer(spec: str, data: str, out_dir: Path, steps: int | None, ma
     """A tokenizer from `spec`: an mmgen tokenizer directory, a diffusers AutoencoderKL directory, or
     a kind ("vae", "vq", "hybrid") trained here with the data source's defaults. Returns (name,
     tokenizer, extra row fields such as training steps and minutes)."""
-    from mmgen.config import ImageTokenizerConfig
-    from mmgen.tokenizers.image import PixelTokenizer, load_image_tokenizer
-    from mmgen.train.tokenizer import load_images, source_defaults, train_image_tokenizer
-
     d = Path(spec)
     defaults = source_defaults(data)
     channels, resolution = eval_images.shape[1], eval_images.shape[-1]
-    if (d / "config.json").is_file():
-        raw = json.loads((d / "config.json").read_text())
+    if (d / CONFIG_FILE).is_file():
+        raw = json.loads((d / CONFIG_FILE).read_text())
         extra = {}
         if raw.get("_class_name") == "AutoencoderKL":
             from mmgen.tokenizers.diffusers_vae import DiffusersVAETokenizer
@@ -284,17 +158,15 @@ def compare_tokenizers(specs: list[str], data: str, out_dir: str | Path, held_ou
         steps, max_minutes: training budget of specs given as a kind.
         grid_path: also copy the PNG grid there.
     """
-    from mmgen.train.tokenizer import load_images
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    first = Path(specs[0]) / "config.json"
+    first = Path(specs[0]) / CONFIG_FILE
     resolution = json.loads(first.read_text()).get("resolution") if first.is_file() else None
     images = load_images(data, "test", resolution, limit=held_out)
     train_images = None
     rows, columns, labels = [], [images[:grid_images]], ["original"]
     for spec in specs:
-        if train_images is None and not (Path(spec) / "config.json").is_file() and spec != "pixels":
+        if train_images is None and not (Path(spec) / CONFIG_FILE).is_file() and spec != "pixels":
             train_images = load_images(data, "train", images.shape[-1], images.shape[1])
         name, tokenizer, extra = resolve_tokenizer(spec, data, out, steps, max_minutes, train_images, images)
         c = tokenizer.config
@@ -316,5 +188,5 @@ def compare_tokenizers(specs: list[str], data: str, out_dir: str | Path, held_ou
             "fwd": f"pytorchfwd Haar packets, level {fwd_level(images.shape[-1])}, no log scale",
             "bits": "codes: tokens*log2(K); continuous: latent elements*16 (fp16); hybrid: both",
             "throughput": f"images/s, batch 64, {torch.get_num_threads()} CPU threads, after one warmup batch"}
-    (out / "comparison.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
+    write_json(out / "comparison.json", {"settings": meta, "rows": rows})
     return rows

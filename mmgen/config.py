@@ -1,8 +1,10 @@
 """Dataclass configs for every component, and named model presets.
 
-`ModelConfig` is what `save_pretrained` writes to `config.json`: the backbone
-(LLaMA hyper-parameters, HF names), the continuous image interface and the
-diffusion objective. Presets are plain factories in `PRESETS`.
+`ModelConfig` is what `save_pretrained` writes to `config.json`: the backbone (LLaMA
+hyper-parameters, HF names), the image side (interface, image tokenizer, MLP head) and the
+diffusion objective. Each config checks its own fields; what an image interface needs of the
+image config is checked by the interface (`mmgen.interfaces.interface_class`). Presets are plain
+factories in `PRESETS`.
 """
 
 from __future__ import annotations
@@ -79,7 +81,6 @@ class BackboneConfig:
 
 
 IMAGE_TOKENIZER_KINDS = ("pixels", "vae", "vq", "hybrid", "diffusers")
-INTERFACES = ("diffusion", "discrete", "hybrid", "mar")
 
 
 @dataclass
@@ -150,7 +151,7 @@ class HeadConfig:
 class ImageConfig:
     """How images meet the backbone.
 
-    interface:
+    interface: a key of `mmgen.interfaces.INTERFACES`, which checks the rest of this config:
         "diffusion": Transfusion. Continuous latents, p×p patches denoised inside the backbone with
                      bidirectional attention within each image.
         "discrete":  Chameleon. VQ codes predicted as next tokens, raster order, causal.
@@ -169,19 +170,6 @@ class ImageConfig:
             self.tokenizer = _from_dict(ImageTokenizerConfig, self.tokenizer, "image.tokenizer")
         if isinstance(self.head, dict):
             self.head = _from_dict(HeadConfig, self.head, "image.head")
-        if self.interface not in INTERFACES:
-            raise ValueError(f"unknown image interface {self.interface!r}; choose from {INTERFACES}")
-        needs_codes = self.interface in ("discrete", "hybrid")
-        if needs_codes != self.tokenizer.discrete:
-            raise ValueError(
-                f"the {self.interface!r} interface needs a "
-                f"{'discrete (vq or hybrid)' if needs_codes else 'continuous (pixels, vae or diffusers)'} "
-                f"image tokenizer, got kind={self.tokenizer.kind!r}"
-            )
-        if self.interface == "hybrid" and self.tokenizer.kind != "hybrid":
-            raise ValueError("the 'hybrid' interface needs a 'hybrid' tokenizer (codes plus residual)")
-        if needs_codes and self.patch_size != 1:
-            raise ValueError(f"the {self.interface!r} interface predicts one code per token: set patch_size=1")
         if self.tokenizer.grid % self.patch_size:
             raise ValueError(f"latent grid {self.tokenizer.grid} is not divisible by patch_size={self.patch_size}")
 
@@ -206,11 +194,6 @@ class ImageConfig:
     def patch_dim(self) -> int:
         """Continuous values per token: latent channels × p × p."""
         return self.tokenizer.latent_channels * self.patch_size**2
-
-    @property
-    def causal(self) -> bool:
-        """Image tokens are predicted one after another (causal attention inside the image)."""
-        return self.interface != "diffusion"
 
 
 def _from_dict(klass, d: dict[str, Any], section: str):

@@ -1,5 +1,5 @@
 """Measurements that need no downloaded network: a digits classifier for prompted-class accuracy,
-caption accuracy on held-out real digits, and PNG grids to look at."""
+caption accuracy on held-out real digits, and a PNG grid of the generated digits to look at."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from mmgen.data.digits import WORDS, DigitsDataset, parse_digit
 from mmgen.data.images import fit_tensor
+from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline
 
@@ -81,7 +81,7 @@ def evaluate_digits(model_dir: str | Path, per_digit: int = 10, options: Generat
     c = pipe.model.config.image
     acc = prompted_accuracy(images, DigitClassifier(c.channels, c.resolution))
     if grid is not None:
-        save_grid(images, grid)
+        save_image_grid(images, grid)
     start = time.perf_counter()
     cap_acc, captions = caption_accuracy(pipe, DigitsDataset("test"))
     return {
@@ -96,17 +96,3 @@ def evaluate_digits(model_dir: str | Path, per_digit: int = 10, options: Generat
         "caption_seconds": round(time.perf_counter() - start, 2),
         "example_captions": captions[:4],
     }
-
-
-def save_grid(images: Tensor, path: str | Path, scale: int = 4, pad: int = 1) -> None:
-    """Save (rows, cols, C, H, W) images in [-1, 1] as one PNG, each image upscaled `scale`× (nearest)."""
-    rows, cols, c, h, w = images.shape
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-    hs, ws = h * scale + pad, w * scale + pad
-    canvas = torch.full((c, rows * hs + pad, cols * ws + pad), 64, dtype=torch.uint8)
-    for r in range(rows):
-        for k in range(cols):
-            canvas[:, pad + r * hs : pad + r * hs + h * scale, pad + k * ws : pad + k * ws + w * scale] = x[r, k]
-    arr = canvas.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmgen.backbone import KVCache, LlamaModel
-from mmgen.config import ModelConfig
 import dataclasses
 
-from mmgen.diffusion.objective import Objective
-from mmgen.diffusion.step_cache import FirstBlockCache
-from mmgen.interfaces import INTERFACES
+from mmgen.backbone import AttentionContext, KVCache, LlamaModel
+from mmgen.config import ModelConfig
+from mmgen.files import TOKENIZER_FILE, load_directory, save_directory
+from mmgen.interfaces import build_interface
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
 
@@ -40,7 +39,7 @@ class MMGenModel(nn.Module):
         bb = config.backbone
         self.model = LlamaModel(bb)
         self.lm_head = nn.Linear(bb.hidden_size, bb.vocab_size, bias=False)
-        self.image = INTERFACES[config.image.interface](config)
+        self.image = build_interface(config)
         self.apply(self._init_weights)
         self.image.init_weights()  # interface-specific: zero outputs, the MLP head's adaLN-Zero
         if bb.tie_word_embeddings:
@@ -81,13 +80,6 @@ class MMGenModel(nn.Module):
         params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
         return sum(p.numel() for p in params.values())
 
-    @property
-    def objective(self) -> Objective:
-        """The in-backbone diffusion objective (the "diffusion" interface only)."""
-        if not hasattr(self.image, "objective"):
-            raise AttributeError(f"the {self.config.image.interface!r} interface has no in-backbone diffusion")
-        return self.image.objective
-
     # -- images <-> tokens -------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -119,35 +111,64 @@ class MMGenModel(nn.Module):
             )
         return x.masked_scatter(slots[..., None], image_tokens.to(x.dtype))
 
-    def forward(
-        self,
-        x: Tensor,
-        positions: Tensor,
-        doc_id: Tensor,
-        image_id: Tensor,
-        cache: KVCache | None = None,
-        step_cache: FirstBlockCache | None = None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Backbone over embeddings x (B, T, D); cached keys (if any) come first.
-
-        Returns hidden states (B, T, D) and per-layer keys/values over cache + chunk.
-        """
+    def context(self, positions: Tensor, doc_id: Tensor, image_id: Tensor, cache: KVCache | None = None
+                ) -> AttentionContext:
+        """The backbone's attention context for a chunk (B, T) after `cache` (if any): the attention
+        rule of `mmgen.sequence` (images attend bidirectionally inside themselves unless the interface
+        is causal), rotary positions, and the cache."""
         max_pos = self.config.backbone.max_position_embeddings
         real = positions[doc_id >= 0]
         if real.numel() and real.max().item() >= max_pos:
             raise ValueError(
                 f"sequence reaches position {real.max().item()}, over the model's maximum of {max_pos} tokens"
             )
-        causal = self.config.image.causal  # causal interfaces: images attend like text
+        causal = self.image.causal  # causal interfaces: images attend like text
         q_img = torch.full_like(image_id, -1) if causal else image_id
         if cache is not None and cache.length:
             k_doc = torch.cat([cache.doc_id, doc_id], 1)
-            k_img = torch.cat([cache.image_id, image_id], 1)
-            k_img = torch.full_like(k_img, -1) if causal else k_img
+            k_img = torch.full_like(k_doc, -1) if causal else torch.cat([cache.image_id, image_id], 1)
             mask = attention_mask(doc_id, q_img, k_doc, k_img, offset=cache.length)
         else:
             mask = attention_mask(doc_id, q_img, doc_id, q_img)
-        return self.model(x, positions, mask, cache if cache is not None and cache.length else None, step_cache)
+        return self.model.context(positions, mask, cache)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, doc_id: Tensor, image_id: Tensor, cache: KVCache | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Backbone over embeddings x (B, T, D); cached keys (if any) come first.
+
+        Returns hidden states (B, T, D) and per-layer keys/values over cache + chunk.
+        """
+        return self.model(x, self.context(positions, doc_id, image_id, cache))
+
+    # -- the KV cache during generation ----------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, batch: SequenceBatch) -> tuple[KVCache, Tensor]:
+        """Run prompts (images in them clean) into a fresh cache; returns it and each row's last hidden (B, D)."""
+        batch = batch.to(self.device)
+        tokens = self.image.embed(self.encode_images(batch.images)) if batch.images.shape[0] else None
+        hidden, kv = self(self.embed(batch.ids, batch.image_id, tokens), batch.positions, batch.doc_id, batch.image_id)
+        lengths = (batch.doc_id >= 0).sum(1)
+        cache = KVCache([k for k, _ in kv], [v for _, v in kv], batch.doc_id, batch.image_id, lengths)
+        return cache, hidden[torch.arange(len(lengths)), lengths - 1]
+
+    @torch.no_grad()
+    def extend(self, cache: KVCache, x: Tensor, active: Tensor, image: bool) -> Tensor:
+        """Append embeddings x (B, T, D) to the cache for the `active` rows (B,) (others get masked
+        slots) and return their hidden states (B, T, D). `image` marks the chunk as one image."""
+        b, t, _ = x.shape
+        doc = torch.where(active, 0, -1)[:, None].expand(b, t)
+        image_id = torch.full((b, t), int(cache.image_id.max()) + 1 if image else -1, device=x.device)
+        image_id = torch.where(doc >= 0, image_id, -1)
+        positions = cache.next_position[:, None] + torch.arange(t, device=x.device)
+        positions = torch.where(doc >= 0, positions, 0)  # masked slots of finished rows take no position
+        hidden, kv = self(x, positions, doc, image_id, cache)
+        cache.keys, cache.values = [k for k, _ in kv], [v for _, v in kv]
+        cache.doc_id = torch.cat([cache.doc_id, doc], 1)
+        cache.image_id = torch.cat([cache.image_id, image_id], 1)
+        cache.next_position = cache.next_position + active.long() * t
+        return hidden
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
@@ -197,15 +218,15 @@ class MMGenModel(nn.Module):
             "z": (z.sum() / tokens_n.clamp(min=1)).detach(),
         }
 
-    # -- persistence (see mmgen.checkpoint) ------------------------------------------------------
+    # -- persistence (see mmgen.files) -----------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        from mmgen.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, tokenizer)
+        """Write model.safetensors, `tokenizer.model` (when a text tokenizer is given: anything with
+        `model_proto` bytes), then config.json, each atomically."""
+        extra = {TOKENIZER_FILE: tokenizer.model_proto} if tokenizer is not None else {}
+        save_directory(directory, self.config.to_dict(), self, extra)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MMGenModel:
-        from mmgen.checkpoint import load_pretrained
-
-        return load_pretrained(directory, device)
+        """Rebuild a model saved by `save_pretrained`, in eval mode; errors name the missing or mismatched file."""
+        return load_directory(directory, lambda raw: cls(ModelConfig.from_dict(raw)), device)

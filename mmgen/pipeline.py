@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmgen.data.images import ImageInput, load_image
+from mmgen.events import Done, ImageStep
 from mmgen.generation import Engine, GenerationOptions
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
@@ -58,10 +59,13 @@ class Pipeline:
         self, prompts: Sequence[str], options: GenerationOptions | None = None, seed: int = 0,
         progress: Callable[[dict], None] | None = None,
     ) -> list[Tensor]:
-        """One image (C, H, W) in [-1, 1] per prompt."""
+        """One image (C, H, W) in [-1, 1] per prompt; `progress` gets {"i", "steps"} after each drawing step."""
         opts = dataclasses.replace(options or GenerationOptions(), max_new_tokens=1, max_images=1)
-        rows = self.engine.generate([[p] for p in prompts], opts, seed=seed, force_image=True, progress=progress)
-        return [row[0] for row in rows]
+        for event in self.engine.stream([[p] for p in prompts], opts, seed=seed, force_image=True):
+            if isinstance(event, ImageStep) and progress is not None:
+                progress({"i": event.step - 1, "steps": event.steps})
+            elif isinstance(event, Done):
+                return [row[0] for row in event.outputs]
 
     def caption(self, images: Sequence[ImageLike], options: GenerationOptions | None = None, seed: int = 0) -> list[str]:
         """A caption per image (greedy by default)."""

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import digit, micro_config
+from mmgen import events
 from mmgen.chat import Chat, Done, ImageDone, ImageStart, ImageStep, TextDelta
 from mmgen.chat_repl import run
 from mmgen.chat_template import ChatError, Message, parse_messages, render
@@ -137,23 +138,24 @@ def test_batch_rows_do_not_depend_on_each_other(chat):
     assert both[1][0].tobytes() == alone[0][0].tobytes()
 
 
-def test_leaving_a_stream_early_stops_its_worker(chat):
+def test_leaving_a_stream_early_stops_the_engine(chat):
     forwards = []
     hook = chat.model.register_forward_hook(lambda *_: forwards.append(1))
     try:
         stream = chat.stream([{"role": "user", "content": "draw a 4"}], image="always", image_steps=50)
         assert isinstance(next(stream), ImageStart)
-        stream.close()  # joins the worker, which stops at its next event instead of running 50 steps
+        stream.close()  # the engine's generator is closed at its next event instead of running 50 steps
     finally:
         hook.remove()
     assert len(forwards) < 10
 
 
-def test_stream_reraises_errors_from_the_worker(chat, monkeypatch):
+def test_stream_raises_errors_from_the_engine(chat, monkeypatch):
     def boom(*a, **k):
+        yield events.Token(0, 5)
         raise RuntimeError("engine failed")
 
-    monkeypatch.setattr(chat.pipe.engine, "generate", boom)
+    monkeypatch.setattr(chat.pipe.engine, "stream", boom)
     with pytest.raises(RuntimeError, match="engine failed"):
         list(chat.stream([{"role": "user", "content": "hi"}]))
 

@@ -1,4 +1,5 @@
-"""save_pretrained / from_pretrained round trip and the errors of a broken model directory."""
+"""save_pretrained / from_pretrained round trip, the errors of a broken model directory, and the
+atomic writes and PNG grid of `mmgen.files`."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from conftest import digit
+from mmgen.files import atomic_write, save_image_grid, write_json
 from mmgen.model import MMGenModel
 from mmgen.tokenizers.text import TextTokenizer
 
@@ -53,4 +55,30 @@ def test_bad_config_is_named(model, tmp_path, key, value, match):
 def test_no_temporary_files_left(model, tmp_path):
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)  # overwrite in place
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.json"
+    write_json(path, {"v": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"v": object()})  # not JSON-serializable: fails before the rename
+    assert json.loads(path.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    atomic_write(path, b"\x00raw")
+    assert path.read_bytes() == b"\x00raw"
+
+
+def test_a_file_is_not_a_model_directory(tmp_path):
+    (tmp_path / "model").write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file, not a mmgen model directory"):
+        MMGenModel.from_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize("shape, size", [((3, 1, 8, 8), (3 * 18 + 2, 20)), ((2, 3, 3, 8, 8), (3 * 18 + 2, 2 * 18 + 2))])
+def test_image_grid_takes_one_row_or_rows(tmp_path, shape, size):
+    from PIL import Image
+
+    save_image_grid(torch.zeros(shape), tmp_path / "sub" / "grid.png", scale=2, pad=2)
+    with Image.open(tmp_path / "sub" / "grid.png") as im:
+        assert im.size == size and im.mode == ("L" if shape[-3] == 1 else "RGB")
+        assert im.getpixel((2, 2)) in (128, (128, 128, 128))  # 0 in [-1, 1] is mid-grey; the canvas is 64

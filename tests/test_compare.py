@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 
 from mmgen.cli import main
-from mmgen.compare import (
-    PSNR_CAP, bits_per_image, compare_tokenizers, frechet_wavelet_distance, psnr, render_markdown, ssim,
-)
+from mmgen.compare import bits_per_image, render_markdown
 from mmgen.config import ImageTokenizerConfig
+from mmgen.data.image_sets import load_images
+from mmgen.metrics import PSNR_CAP, frechet_wavelet_distance, psnr, ssim
 from mmgen.tokenizers.image import build_image_tokenizer
-from mmgen.train.tokenizer import load_images, train_image_tokenizer
+from mmgen.train.tokenizer import train_image_tokenizer
 
 
 @pytest.fixture(autouse=True)

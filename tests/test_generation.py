@@ -8,6 +8,12 @@ from mmgen.diffusion.guidance import Guidance
 from mmgen.generation import Engine, GenerationOptions, sample_token
 
 
+def image_denoiser(engine, cache, guidance, step_cache=None):
+    """The diffusion interface's D(x, σ) on a prefilled cache, with the engine's null prompt."""
+    null = engine.null_prefix()[0] if guidance.scale != 1 else None
+    return engine.model.image.denoiser(engine.model, cache, guidance, null, step_cache)
+
+
 def full_forward(model, builder, segments, t_image=0.0, noisy=None):
     """Uncached reference: one forward over the whole sequence (images at noise time t_image)."""
     b = builder([segments], add_eos=False)
@@ -19,14 +25,13 @@ def full_forward(model, builder, segments, t_image=0.0, noisy=None):
 
 @torch.no_grad()
 def test_cached_text_decoding_equals_uncached(model, builder, tokenizer):
-    engine = Engine(model, builder)
     prompt = tokenizer.encode("a handwritten digit")
     cont = tokenizer.encode(" seven is drawn here")
-    cache, last = engine.prefill(builder([[prompt]], add_eos=False))
+    cache, last = model.prefill(builder([[prompt]], add_eos=False))
     cached = [model.logits(last)]
     for tid in cont:
         x = model.embed(torch.tensor([[tid]]), torch.tensor([[-1]]), None)
-        cached.append(model.logits(engine.extend(cache, x, torch.tensor([True]), False)[:, -1]))
+        cached.append(model.logits(model.extend(cache, x, torch.tensor([True]), False)[:, -1]))
     _, h = full_forward(model, builder, [prompt + cont])
     ref = model.logits(h[0, -len(cont) - 1 :])
     torch.testing.assert_close(torch.cat(cached), ref, atol=1e-4, rtol=1e-4)
@@ -35,30 +40,30 @@ def test_cached_text_decoding_equals_uncached(model, builder, tokenizer):
 @torch.no_grad()
 @pytest.mark.parametrize("objective", ["eps", "flow"])
 def test_cached_denoiser_and_clean_pass_equal_uncached(model, builder, tokenizer, objective):
-    model.objective.__init__(objective)
+    model.image.objective.__init__(objective)
     engine = Engine(model, builder)
     prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
-    cache, _ = engine.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
-    denoiser = engine.image_denoiser(cache, Guidance(scale=1.0))
+    cache, _ = model.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
+    denoiser = image_denoiser(engine, cache, Guidance(scale=1.0))
     x0 = digit(3)[None]
-    sigma = model.objective.sigma(torch.tensor([0.4]))[0]
+    sigma = model.image.objective.sigma(torch.tensor([0.4]))[0]
     x_ve = x0 + sigma * torch.randn_like(x0)
     got = denoiser(x_ve, sigma)
     # uncached: the whole sequence with the image at t = 0.4, in the model's own x_t
     t = torch.tensor([0.4])
-    a, _ = model.objective.alpha_sigma(t)
+    a, _ = model.image.objective.alpha_sigma(t)
     x_t = x_ve * a
     b, h = full_forward(model, builder, [prompt, x0[0], after], t_image=0.4, noisy=x_t)
     slots = b.image_id[0] >= 0
     pred = model.image.unpatchify(model.image.predict(h[0, slots][None]))
-    torch.testing.assert_close(got, model.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, model.image.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
     # the clean pass, then <eoi> and text: logits equal the uncached forward with the clean image
     tokens = model.image.embed_patches(model.image.patchify(x0), torch.zeros(1))
-    engine.extend(cache, tokens, torch.tensor([True]), True)
+    model.extend(cache, tokens, torch.tensor([True]), True)
     logits = []
     for tid in [tokenizer.eoi_id] + after:
         x = model.embed(torch.tensor([[tid]]), torch.tensor([[-1]]), None)
-        logits.append(model.logits(engine.extend(cache, x, torch.tensor([True]), False)[:, -1]))
+        logits.append(model.logits(model.extend(cache, x, torch.tensor([True]), False)[:, -1]))
     b, h = full_forward(model, builder, [prompt, x0[0], after])
     n = len(after) + 1
     torch.testing.assert_close(torch.cat(logits), model.logits(h[0, -n:]), atol=1e-4, rtol=1e-4)
@@ -103,15 +108,15 @@ def test_max_new_tokens_and_no_image_when_disallowed(model, builder, tokenizer):
 def test_sampling_filters():
     gens = [torch.Generator().manual_seed(i) for i in range(400)]
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(400, 4)
-    greedy = sample_token(logits, GenerationOptions(temperature=0), gens)
+    greedy = sample_token(logits, gens, temperature=0)
     assert (greedy == 0).all()
-    top_k = sample_token(logits, GenerationOptions(top_k=2), gens)
+    top_k = sample_token(logits, gens, top_k=2)
     assert set(top_k.tolist()) <= {0, 1} and len(set(top_k.tolist())) == 2
-    top_p = sample_token(logits, GenerationOptions(top_p=0.7), gens)  # 0.5 + 0.3 reaches 0.7
+    top_p = sample_token(logits, gens, top_p=0.7)  # 0.5 + 0.3 reaches 0.7
     assert set(top_p.tolist()) == {0, 1}
-    min_p = sample_token(logits, GenerationOptions(min_p=0.5), gens)  # keeps p >= 0.25
+    min_p = sample_token(logits, gens, min_p=0.5)  # keeps p >= 0.25
     assert set(min_p.tolist()) == {0, 1}
-    free = sample_token(logits, GenerationOptions(), gens)
+    free = sample_token(logits, gens)
     assert set(free.tolist()) == {0, 1, 2, 3}
 
 
@@ -156,11 +161,11 @@ def test_first_block_cache_reuses_exactly_and_counts_hits(model, builder, tokeni
     from mmgen.diffusion.step_cache import FirstBlockCache
 
     engine = Engine(model, builder)
-    cache, _ = engine.prefill(builder([[tokenizer.encode("digit 3"), [tokenizer.boi_id]]], add_eos=False))
+    cache, _ = model.prefill(builder([[tokenizer.encode("digit 3"), [tokenizer.boi_id]]], add_eos=False))
     x, sigma = torch.randn(1, 1, 8, 8), torch.tensor(2.0, dtype=torch.float64)
-    plain = engine.image_denoiser(cache, Guidance(scale=2.0))(x, sigma)
+    plain = image_denoiser(engine, cache, Guidance(scale=2.0))(x, sigma)
     fbc = FirstBlockCache(threshold=0.05)
-    d = engine.image_denoiser(cache, Guidance(scale=2.0), fbc)
+    d = image_denoiser(engine, cache, Guidance(scale=2.0), fbc)
     first, again = d(x, sigma), d(x, sigma)  # same input: the second call is a hit for both rows
     torch.testing.assert_close(first, plain)
     torch.testing.assert_close(again, plain, atol=1e-6, rtol=1e-6)
@@ -176,17 +181,17 @@ def test_first_block_cache_decides_per_row(model, builder, tokenizer):
 
     engine = Engine(model, builder)
     prompt = builder([[tokenizer.encode("digit 3"), [tokenizer.boi_id]]] * 2, add_eos=False)
-    cache, _ = engine.prefill(prompt)
+    cache, _ = model.prefill(prompt)
     x = torch.randn(2, 1, 8, 8)
     sigma = torch.tensor(2.0, dtype=torch.float64)
-    alone = engine.image_denoiser(cache.select(torch.tensor([0])), Guidance(scale=1.0), FirstBlockCache(0.05))
-    both = engine.image_denoiser(cache, Guidance(scale=1.0), FirstBlockCache(0.05))
+    alone = image_denoiser(engine, cache.select(torch.tensor([0])), Guidance(scale=1.0), FirstBlockCache(0.05))
+    both = image_denoiser(engine, cache, Guidance(scale=1.0), FirstBlockCache(0.05))
     alone(x[:1], sigma), both(x, sigma)
     moved = x.clone()
     moved[1] += 3.0  # row 1 changes a lot, row 0 not at all
     out = both(moved, sigma)  # row 0 reuses, row 1 runs the remaining blocks alone
     torch.testing.assert_close(out[:1], alone(x[:1], sigma), atol=1e-6, rtol=1e-6)
-    fresh = engine.image_denoiser(cache.select(torch.tensor([1])), Guidance(scale=1.0))(moved[1:], sigma)
+    fresh = image_denoiser(engine, cache.select(torch.tensor([1])), Guidance(scale=1.0))(moved[1:], sigma)
     torch.testing.assert_close(out[1:], fresh, atol=1e-5, rtol=1e-5)
 
 

@@ -6,8 +6,9 @@ import torch
 
 from mmgen.config import ImageTokenizerConfig
 from mmgen.tokenizers.image import ImageTokens, build_image_tokenizer, load_image_tokenizer
-from mmgen.tokenizers.vq import code_statistics
-from mmgen.train.tokenizer import load_images, train_image_tokenizer
+from mmgen.data.image_sets import load_images
+from mmgen.metrics import code_statistics
+from mmgen.train.tokenizer import train_image_tokenizer
 
 K = 32
 

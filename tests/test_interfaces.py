@@ -6,11 +6,14 @@ import dataclasses
 import pytest
 import torch
 
+from mmgen import events
 from mmgen.config import BackboneConfig, HeadConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
 from mmgen.generation import Engine, GenerationOptions
+from mmgen.interfaces import INTERFACES
+from mmgen.interfaces.base import ImageInterface
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
-from mmgen.tokenizers.image import build_image_tokenizer
+from mmgen.tokenizers.image import ImageTokens, build_image_tokenizer
 
 from conftest import digit
 
@@ -81,17 +84,17 @@ def test_attention_inside_images_is_causal(case, tokenizer):
 def draw_with_spy(model, engine, prompts, opts, seed):
     """Generate, recording the conditioning hidden states handed to the interface at every token."""
     seen = []
-    original = model.image.sample_token
+    original = model.image.sample_step
 
-    def spy(prev, prev_uncond, codes, o, gens):
-        seen.append(prev.clone())
-        return original(prev, prev_uncond, codes, o, gens)
+    def spy(cond, uncond, request):
+        seen.append(cond.clone())
+        return original(cond, uncond, request)
 
-    model.image.sample_token = spy
+    model.image.sample_step = spy
     try:
         out = engine.generate(prompts, opts, seed=seed, force_image=True)
     finally:
-        del model.image.sample_token
+        del model.image.sample_step
     return out, torch.stack(seen, 1)  # (R, L, D)
 
 
@@ -141,10 +144,14 @@ def test_tokenizer_that_does_not_match_the_config_is_refused(tokenizer):
     other = build_image_tokenizer(dataclasses.replace(cfg.image.tokenizer, codebook_size=32))
     with pytest.raises(ValueError, match="codebook_size"):
         MMGenModel(cfg, image_tokenizer=other)
-    with pytest.raises(ValueError, match="needs a discrete"):
-        ImageConfig("discrete", tokenizer_config("vae"), patch_size=1)
-    with pytest.raises(ValueError, match="patch_size=1"):
-        ImageConfig("discrete", tokenizer_config("vq"), patch_size=2)
+    bad = {"needs a discrete": ImageConfig("discrete", tokenizer_config("vae"), patch_size=1),
+           "patch_size=1": ImageConfig("discrete", tokenizer_config("vq"), patch_size=2),
+           "needs a 'hybrid'": ImageConfig("hybrid", tokenizer_config("vq"), patch_size=1),
+           "needs a continuous": ImageConfig("mar", tokenizer_config("vq"), patch_size=1),
+           "unknown image interface 'nope'": ImageConfig("nope")}
+    for message, image in bad.items():  # the interface checks its config when the model is built
+        with pytest.raises(ValueError, match=message):
+            MMGenModel(dataclasses.replace(cfg, image=image))
 
 
 @pytest.mark.parametrize("case", ["discrete", "hybrid"])
@@ -172,3 +179,70 @@ def test_codes_of_conditioning_images_are_corrupted_only_in_training(tokenizer):
     model.eval()
     inputs, _ = model.image.train_inputs(tokens, conditions, g)
     assert torch.equal(inputs, clean)
+
+
+# -- the contract: a new interface is one class plus one registry line -----------------------------
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """The trivial interface takes no image sampling options."""
+
+
+class OneShot(ImageInterface):
+    """A trivial interface defined here: every patch is predicted at once from the hidden state at <boi>."""
+
+    name = "one-shot"
+    causal = True
+    Options = NoOptions
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj_in = torch.nn.Linear(self.cfg.patch_dim, self.hidden_size)
+        self.proj_out = torch.nn.Linear(self.hidden_size, self.cfg.tokens_per_image * self.cfg.patch_dim)
+
+    def embed(self, tokens):
+        return self.proj_in(self.patchify(tokens.latents))
+
+    def train_inputs(self, tokens, conditions, generator):
+        return self.embed(tokens), self.patchify(tokens.latents)
+
+    def loss(self, targets, slots, prev, generator=None):
+        return (self.proj_out(prev[:, 0]).view_as(targets) - targets).pow(2).mean((1, 2))
+
+    def draw(self, request):
+        patches = self.proj_out(request.last).view(request.rows, self.cfg.tokens_per_image, -1)  # (R, L, P)
+        yield events.ImageStep(list(range(request.rows)), 1, 1)
+        return ImageTokens(latents=self.unpatchify(patches))
+
+
+def test_an_interface_defined_outside_the_package_trains_and_draws(tokenizer, monkeypatch):
+    monkeypatch.setitem(INTERFACES, "one-shot", OneShot)
+    bb = BackboneConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96)
+    model = MMGenModel(ModelConfig(backbone=bb, image=ImageConfig("one-shot", patch_size=2)))
+    builder = builder_for(model, tokenizer)
+    out = model.train().loss(builder([["a digit", digit(0)], [digit(1), "one"]]))
+    out["loss"].backward()
+    assert out["images"] == 2 and model.image.proj_out.weight.grad.abs().sum() > 0
+    engine = Engine(model, builder)
+    stream = [e for e in engine.stream([[tokenizer.encode("two")], [tokenizer.encode("six")]], GenerationOptions(
+        max_new_tokens=1), seed=0, force_image=[False, True]) if not isinstance(e, events.Token)]
+    kinds = [type(e).__name__ for e in stream]
+    assert kinds[:3] == ["ImageStart", "ImageStep", "ImageDone"] and kinds[-1] == "Done"
+    assert stream[0].rows == [1] and stream[1].rows == [1] and stream[2].row == 1  # the engine's row numbers
+    with torch.no_grad():  # the drawing is the prediction from the hidden state at the forced <boi>
+        _, last = model.prefill(builder([[tokenizer.encode("six"), [tokenizer.boi_id]]], add_eos=False))
+        expected = model.image.unpatchify(model.image.proj_out(last).view(1, 16, -1)).clamp(-1, 1)
+    torch.testing.assert_close(stream[-1].outputs[1][0], expected[0])
+    with pytest.raises(ValueError, match="image_steps do not apply to the 'one-shot' image interface"):
+        engine.generate([[tokenizer.encode("two")]], GenerationOptions(image_steps=3))
+
+
+@pytest.mark.parametrize("case, option", [("discrete", {"cache_threshold": 0.1}), ("discrete", {"sampler": "heun"}),
+                                          ("mar", {"image_top_k": 4}), ("diffusion-vae", {"image_top_k": 4})])
+def test_an_option_the_interface_does_not_take_is_an_error(case, option, tokenizer):
+    model = make(case, len(tokenizer))
+    engine = Engine(model, builder_for(model, tokenizer))
+    with pytest.raises(ValueError, match=f"{next(iter(option))} do not apply to the '{model.image.name}'"):
+        engine.generate([[tokenizer.encode("two")]], GenerationOptions(**option), force_image=True)

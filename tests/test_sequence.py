@@ -84,16 +84,15 @@ def test_perturbing_a_late_image_token(model, builder):
 @torch.no_grad()
 def test_perturbation_under_a_cache(model, builder):
     """Same rule for an image chunk run against a cached prefix."""
-    engine = Engine(model, builder)
     b = builder([["a digit", digit(0)], ["other text here", digit(1)]])
     first_slot = (b.image_id >= 0).float().argmax(1)  # (B,)
     boi = [builder.tok.boi_id]
     prefix = builder([["a digit", boi], ["other text here", boi]], add_eos=False)  # ends in <boi>
 
     def run(images):
-        cache, _ = engine.prefill(prefix)
+        cache, _ = model.prefill(prefix)
         tokens = model.image.embed_patches(model.image.patchify(images), torch.full((2,), 0.3))
-        return engine.extend(cache, tokens, torch.tensor([True, True]), image=True)
+        return model.extend(cache, tokens, torch.tensor([True, True]), image=True)
 
     h0 = run(b.images)
     images = b.images.clone()

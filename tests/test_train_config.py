@@ -75,6 +75,50 @@ def test_mistakes_are_errors_that_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
+def trained_tokenizer_stand_in(path, **fields) -> str:
+    """An untrained image tokenizer directory, as `mmgen train-tokenizer` writes one."""
+    from mmgen.config import ImageTokenizerConfig
+    from mmgen.tokenizers.image import build_image_tokenizer
+
+    build_image_tokenizer(ImageTokenizerConfig(width=8, **fields)).save_pretrained(path)
+    return str(path)
+
+
+def test_a_trained_image_tokenizer_sets_the_tokens_and_must_take_the_configs_images(tmp_path):
+    vq = trained_tokenizer_stand_in(tmp_path / "vq", kind="vq", downsample=2, latent_channels=4, codebook_size=16)
+    vae = trained_tokenizer_stand_in(tmp_path / "vae", kind="vae", downsample=4, latent_channels=2)
+    rgb = trained_tokenizer_stand_in(tmp_path / "rgb", kind="vae", channels=3, resolution=16, downsample=2,
+                                     latent_channels=2)
+
+    def image(overrides):
+        model, tokenizer = resolve_model(load_config("digits-tiny", overrides).model, load_weights=True)
+        return model.image, tokenizer
+
+    img, tokenizer = image({"model.image_tokenizer": vq, "model.image.interface": "discrete"})
+    assert (img.tokenizer.kind, img.patch_size, img.tokens_per_image) == ("vq", 1, 16)  # codes: one per token
+    assert tokenizer.config == img.tokenizer
+    img, _ = image({"model.image_tokenizer": vae})
+    assert (img.patch_size, img.tokens_per_image) == (1, 4)  # a 2×2 latent grid: 1×1 patches
+    assert image({"model.image_tokenizer": vae, "model.image.patch_size": 2})[0].tokens_per_image == 1
+    assert image({})[0].patch_size == 2 and image({"model.image.interface": "mar"})[0].head.width == 128
+    with pytest.raises(ConfigError, match=r"takes 3×16² images, this config's images are 1×8²"):
+        load_config("digits-tiny", {"model.image_tokenizer": rgb})
+    fits = load_config("digits-tiny", {"model.image_tokenizer": rgb, "model.image.tokenizer.channels": "3",
+                                       "model.image.tokenizer.resolution": 16})
+    assert resolve_model(fits.model)[0].image.tokens_per_image == 16  # an 8×8 latent grid in 2×2 patches
+    with pytest.raises(ConfigError, match="remove model.image.tokenizer.kind"):
+        load_config("digits-tiny", {"model.image_tokenizer": vq, "model.image.tokenizer.kind": "vq"})
+    with pytest.raises(ConfigError, match="model.image: the 'discrete' interface"):
+        load_config("digits-tiny", {"model.image_tokenizer": vae, "model.image.interface": "discrete"})
+
+
+def test_overrides_in_code_are_a_mapping_checked_like_the_command_line():
+    cfg = load_config("digits-tiny", {"train.steps": 7, "optim.lr": "1e-3", "model.image_tokenizer": None})
+    assert (cfg.train.steps, cfg.optim.lr, cfg.model.image_tokenizer) == (7, 1e-3, None)
+    with pytest.raises(ConfigError, match=r"train.steps must be an integer, got 'x' \(config .* and overrides\)"):
+        load_config("digits-tiny", {"train.steps": "x"})
+
+
 def test_mistyped_key_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  learning_rate: 0.1\n")

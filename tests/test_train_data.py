@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from mmgen.data.images import UnreadableImage, load_image
-from mmgen.data.sources import DataError, UnreadableItem, build_source
+from mmgen.data.source import DataError, UnreadableItem
+from mmgen.data.sources import build_source
 from mmgen.sequence import IGNORE, SequenceBuilder
 from mmgen.train.config import SourceConfig
 from mmgen.train.data import Mixture, StepBatches, TrainDataset, corpus
@@ -133,6 +134,21 @@ def test_mixture_is_seeded_weighted_and_a_permutation_per_source():
     assert not np.array_equal(m.table(1)[1], item)  # a new order each epoch
     single = Mixture([10], [1.0], seed=0)
     assert sorted(single.table(0)[1].tolist()) == list(range(10))
+
+
+def test_caption_directions_are_a_function_of_seed_epoch_and_item(tokenizer):
+    digits = source("digits")
+    ds = TrainDataset([digits], Mixture([len(digits)], [1.0], seed=3), SequenceBuilder(tokenizer, 1, 8, 16, 96), seed=3)
+
+    def image_first(epoch: int, positions=range(300)) -> dict[int, bool]:  # item -> its sample starts with the image
+        return {ds.mixture.locate(epoch, j)[1]: ds[(epoch, j)].conditions[0] for j in positions}
+
+    first = image_first(0)
+    assert first == image_first(0, reversed(range(300)))  # the same draws again, in any order
+    assert 0.1 < sum(first.values()) / len(first) < 0.3  # p_image_first = 0.2
+    again = image_first(1)
+    common = set(first) & set(again)
+    assert len(common) > 20 and any(first[i] != again[i] for i in common)  # a new draw each epoch
 
 
 def test_process_shards_together_are_the_global_batch():

@@ -1,15 +1,15 @@
-"""The loop end to end: user data with bad files, the non-finite guard, frozen parameters, the text
-tokenizer command, and the exported model loading for generation."""
+"""The loop end to end: user data with bad files, learning, the non-finite guard, frozen parameters, the
+text tokenizer command, and the exported model loading for generation."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from mmgen.pipeline import Pipeline
 from mmgen.tokenizers.text import TextTokenizer
@@ -18,6 +18,7 @@ from mmgen.train.config import TrainConfig
 from mmgen.train.entrypoint import main
 from mmgen.train.optim import EMA, lr_at, param_groups
 from mmgen.train.overrides import build
+from mmgen.train.tracking import read_log
 from mmgen.train.trainer import Trainer, TrainingError
 from train_helpers import micro_config, restore_threads  # noqa: F401 (autouse fixture)
 
@@ -47,8 +48,7 @@ def test_image_folder_run_with_bad_files_trains_exports_and_samples(tmp_path, ca
     assert "skipped 0 malformed lines" in captured.err and "1 captions whose image is missing" in captured.err
     assert "skipping an unreadable item" in captured.err and "broken.png" in captured.err
     assert "tok/s" in captured.out and "pad " in captured.out
-    with (tmp_path / "run" / "train_log.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_log(tmp_path / "run")
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert int(rows[-1]["skipped_items"]) > 0  # the broken file was met, skipped and counted
     assert 0 <= float(rows[-1]["padding"]) < 1 and float(rows[-1]["tokens_per_s"]) > 0
@@ -69,7 +69,8 @@ def test_dataset_path_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
 
 def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, tokenizer, monkeypatch):
     tokenizer.save(tmp_path)
-    trainer = Trainer(build(TrainConfig, micro_config(tmp_path / "run", tmp_path, train={"steps": 6, "max_nonfinite": 3})))
+    cfg = micro_config(tmp_path / "run", tmp_path, train={"steps": 6, "max_nonfinite": 3})
+    trainer = Trainer(build(TrainConfig, cfg))
     real_loss, calls = trainer.model.loss, []
 
     def poisoned(batch, generator=None):
@@ -97,6 +98,20 @@ def test_nonfinite_steps_are_skipped_counted_and_bounded(tmp_path, tokenizer, mo
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
         trainer.train_step([next(loader)], 5)
     assert trainer.counters["skipped_steps"] == 4
+
+
+def test_training_reduces_both_losses_and_exports_the_ema(tmp_path, tokenizer):
+    tokenizer.save(tmp_path)
+    cfg = micro_config(tmp_path / "run", tmp_path, data={"sources": [{"kind": "digits"}]},
+                       train={"steps": 60, "batch_size": 16}, optim={"lr": 3e-3, "warmup_steps": 5},
+                       checkpoint={"every": 0}, log={"every": 20})
+    trainer = Trainer(build(TrainConfig, cfg))
+    log = read_log(trainer.fit())
+    assert [r["step"] for r in log] == [20, 40, 60]
+    assert log[-1]["lm"] < log[0]["lm"] * 0.8 and log[-1]["image"] < log[0]["image"]
+    exported = load_file(str(tmp_path / "run" / "model.safetensors"))
+    shared = [n for n in trainer.ema.shadow if n in exported]  # tied weights are stored once
+    assert len(shared) > 10 and all(torch.equal(exported[n], trainer.ema.shadow[n]) for n in shared)
 
 
 def test_frozen_parameters_are_neither_optimized_nor_averaged(model):

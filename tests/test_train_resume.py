@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import mmgen.train.trainer as trainer_module
+import mmgen.train.state as state_module
 from mmgen.train.checkpoints import CheckpointError, CheckpointManager
 from mmgen.train.config import TrainConfig
 from mmgen.train.entrypoint import main
@@ -74,7 +74,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, token
     tokenizer.save(tmp_path)
     cfg = build(TrainConfig, micro_config(tmp_path / "run", tmp_path, train={"steps": 4}, checkpoint={"every": 2}))
     trainer = Trainer(cfg)
-    real, calls = trainer_module.save_model, []
+    real, calls = state_module.save_model, []
 
     def crash_on_second_save(model, filename, metadata=None):
         calls.append(trainer.step)
@@ -84,7 +84,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, token
                 f.truncate(f.seek(0, 2) // 2)
             raise KeyboardInterrupt("simulated crash while writing the checkpoint")
 
-    monkeypatch.setattr(trainer_module, "save_model", crash_on_second_save)
+    monkeypatch.setattr(state_module, "save_model", crash_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     root = tmp_path / "run" / "checkpoints"

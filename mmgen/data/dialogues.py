@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from mmgen.chat_template import Message
 from mmgen.data.digits import WORDS, DigitsDataset
 from mmgen.data.images import fit_tensor
-from mmgen.data.sources import Source
 from mmgen.data.shapes import ShapeObject, ShapesDataset, caption
+from mmgen.data.source import Source
 
 DRAW_DIGIT = ("draw a handwritten digit {d}", "draw the digit {d}", "can you draw a {w}", "please draw the number {w}",
               "show me a handwritten {d}", "write the digit {w}", "i would like a picture of the digit {d}",

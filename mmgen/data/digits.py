@@ -44,6 +44,7 @@ def split_indices(n: int, held_out: int = 297, seed: int = 0) -> tuple[np.ndarra
 
 
 def caption_for(label: int, template: str) -> str:
+    """`template` with {d} the digit as a numeral and {w} as a word."""
     return template.format(d=label, w=WORDS[label])
 
 

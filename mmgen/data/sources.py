@@ -6,8 +6,9 @@
     hf                 a Hugging Face `datasets` dataset saved with `save_to_disk` (image and/or text column)
     text               plain-text corpora (a .txt file or a folder of them): text-only LM data
     interleaved        JSONL documents: {"segments": [{"text": ...}, {"image": "path"}, ...]}
-A source is indexed once (missing files and bad lines are dropped and counted); `sample(i, rng)`
-loads item i and raises `UnreadableItem` when it cannot, so the caller can skip and count it.
+A source (the contract: `mmgen.data.source`) is indexed once (missing files and bad lines are dropped
+and counted); `sample(i, rng)` loads item i and raises `UnreadableItem` when it cannot, so the caller
+can skip and count it.
 Image-caption items become caption -> image or image -> caption samples, drawn from `rng`.
 """
 
@@ -16,43 +17,22 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from mmgen.data.dialogues import DialogueSource
+from mmgen.data.digits import DigitsDataset
 from mmgen.data.images import UnreadableImage, fit_tensor, load_image
+from mmgen.data.shapes import ShapesDataset
+from mmgen.data.shapes import caption as describe_shapes
+from mmgen.data.source import DataError, Source, UnreadableItem
 from mmgen.sequence import Sample
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
-class DataError(ValueError):
-    """A data source cannot be used at all (missing path, no items); the message says how to fix it."""
-
-
-class UnreadableItem(Exception):
-    """One item cannot be loaded; the pipeline skips it and counts it."""
 
 
 def warn(message: str) -> None:
+    """Print a warning line on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-class Source:
-    """Items 0..n-1. Subclasses set `name` and `n`, and implement `sample` and `texts`."""
-
-    name: str = "source"
-    n: int = 0
-    dropped: int = 0  # items dropped while indexing (missing files, malformed lines)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def sample(self, i: int, rng: random.Random) -> Sample:
-        raise NotImplementedError
-
-    def texts(self) -> Iterator[str]:
-        """The text of every item, without decoding images (for training a text tokenizer)."""
-        raise NotImplementedError
 
 
 def caption_sample(image: Any, caption: str, rng: random.Random, p_image_first: float, caption_dropout: float) -> Sample:
@@ -90,8 +70,6 @@ def _limit(n: int, limit: int) -> int:
 
 class DigitsSource(CaptionSource):
     def __init__(self, cfg, channels: int, resolution: int):
-        from mmgen.data.digits import DigitsDataset
-
         super().__init__(cfg)
         self.ds, self.channels, self.resolution = DigitsDataset(cfg.split), channels, resolution
         self.name, self.n = f"digits/{cfg.split}", _limit(len(self.ds), cfg.limit)
@@ -105,8 +83,6 @@ class DigitsSource(CaptionSource):
 
 class ShapesSource(CaptionSource):
     def __init__(self, cfg, seed: int, channels: int, resolution: int):
-        from mmgen.data.shapes import ShapesDataset
-
         super().__init__(cfg)
         self.ds = ShapesDataset(size=_limit(cfg.size, cfg.limit), resolution=max(resolution, 8),
                                 max_objects=cfg.max_objects, seed=seed)
@@ -116,9 +92,7 @@ class ShapesSource(CaptionSource):
         return fit_tensor(self.ds[i][0], self.channels, self.resolution)
 
     def caption(self, i: int) -> str:
-        from mmgen.data.shapes import caption
-
-        return caption(self.ds.objects(i))
+        return describe_shapes(self.ds.objects(i))
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -321,8 +295,6 @@ def build_source(cfg, *, seed: int, channels: int, resolution: int, max_chars: i
     if cfg.kind == "shapes":
         return ShapesSource(cfg, seed, channels, resolution)
     if cfg.kind == "dialogues":
-        from mmgen.data.dialogues import DialogueSource
-
         return DialogueSource(_limit(cfg.size, cfg.limit), seed, channels, resolution, cfg.split)
     if cfg.kind == "image_folder":
         return FolderSource(cfg, channels, resolution, verbose)

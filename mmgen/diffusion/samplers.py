@@ -5,11 +5,16 @@ starts as noise of scale sigmas[0], sigmas decrease to 0, `callback` gets a dict
 step, `noise(σ, σ_next)` supplies unit Gaussian noise to the stochastic ones (i.i.d. or a
 Brownian tree, see `mmgen.diffusion.noise`). The VE form makes one implementation serve ε-,
 v- and flow models (flow time t maps to σ = t / (1 − t), x = x_t / (1 − t)).
+
+Each sampler is written once, as a generator that yields that dict after every step and returns x;
+`sample_x.steps(denoiser, x, sigmas, noise=None, **options)` is that generator, for callers that
+stream (`x = yield from SAMPLERS[name].steps(...)`), and `sample_x(...)` runs it to the end.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Generator
 
 import torch
 from torch import Tensor
@@ -21,25 +26,47 @@ Callback = Callable[[dict], None]
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 
 
-def _report(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> None:
-    if callback is not None:
-        callback({"i": i, "steps": len(sigmas) - 1, "sigma": sigmas[i], "x": x, "denoised": denoised})
+Steps = Generator[dict, None, Tensor]
 
 
+def _info(i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> dict:
+    return {"i": i, "steps": len(sigmas) - 1, "sigma": sigmas[i], "x": x, "denoised": denoised}
+
+
+def stepwise(steps: Callable[..., Steps]) -> Callable[..., Tensor]:
+    """The plain sampler `(denoiser, x, sigmas, callback=None, noise=None, **options) -> x` over a
+    step generator; the generator stays reachable as `.steps`."""
+
+    @functools.wraps(steps)
+    def sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
+               noise: NoiseSampler | None = None, **options) -> Tensor:
+        run = steps(denoiser, x, sigmas, noise=noise, **options)
+        while True:
+            try:
+                info = next(run)
+            except StopIteration as done:
+                return done.value
+            if callback is not None:
+                callback(info)
+
+    sample.steps = steps
+    return sample
+
+
+@stepwise
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
-                 noise: NoiseSampler | None = None) -> Tensor:
+def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampler | None = None) -> Steps:
     """First-order ODE steps on dx/dσ = (x − D) / σ; identical to DDIM with η = 0."""
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
         x = denoised + (x - denoised) * (sigmas[i + 1] / sigmas[i])
-        _report(callback, i, sigmas, x, denoised)
+        yield _info(i, sigmas, x, denoised)
     return x
 
 
+@stepwise
 @torch.no_grad()
-def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
-                noise: NoiseSampler | None = None) -> Tensor:
+def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampler | None = None) -> Steps:
     """Heun's second-order method (EDM, Algorithm 1 without churn); Euler on the last step to σ = 0.
 
     Use it with a schedule that has no huge first step (Karras): on the uniform-t schedule of a flow
@@ -54,7 +81,7 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callbac
             d_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
         x = x_next
-        _report(callback, i, sigmas, x, denoised)
+        yield _info(i, sigmas, x, denoised)
     return x
 
 
@@ -68,9 +95,10 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tenso
     return (sigma_next**2 - up**2).sqrt(), up
 
 
+@stepwise
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
-                noise: NoiseSampler | None = None, eta: float = 0.0) -> Tensor:
+def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampler | None = None,
+                eta: float = 0.0) -> Steps:
     """DDIM(η): deterministic at η = 0 (= Euler), DDPM-like ancestral sampling at η = 1."""
     noise = noise or iid_noise(x)
     for i in range(len(sigmas) - 1):
@@ -79,22 +107,23 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callbac
         x = denoised + (x - denoised) * (down / sigmas[i])
         if up > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * up
-        _report(callback, i, sigmas, x, denoised)
+        yield _info(i, sigmas, x, denoised)
     return x
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
-                    noise: NoiseSampler | None = None) -> Tensor:
+@stepwise
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampler | None = None) -> Steps:
     """DPM-Solver++(2M) (Lu et al. 2022): exponential integrator in λ = −log σ with a second-order
     multistep correction; first order on the first step and on the final step to σ = 0. It is the
     η = 0 case of `sample_dpmpp_2m_sde`: the midpoint correction −½(e^{−h} − 1)/r·(D − D_prev)
     equals 2M's (1 + 1/2r)·D − (1/2r)·D_prev."""
-    return sample_dpmpp_2m_sde(denoiser, x, sigmas, callback, eta=0.0)
+    return (yield from sample_dpmpp_2m_sde.steps(denoiser, x, sigmas, eta=0.0))
 
 
+@stepwise
 @torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback: Callback | None = None,
-                        noise: NoiseSampler | None = None, eta: float = 1.0) -> Tensor:
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampler | None = None,
+                        eta: float = 1.0) -> Steps:
     """DPM-Solver++(2M) SDE, midpoint variant; pair it with Brownian-tree noise so that samples
     converge as the step count grows. η = 0 is the ODE solver DPM-Solver++(2M)."""
     noise = noise or iid_noise(x)
@@ -115,7 +144,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, callback:
                 x = x + noise(sigma, sigma_next) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
             h_last = h
         old_denoised = denoised
-        _report(callback, i, sigmas, x, denoised)
+        yield _info(i, sigmas, x, denoised)
     return x
 
 

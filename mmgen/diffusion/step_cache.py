@@ -5,6 +5,9 @@ Each step runs the first decoder block. A row whose first-block residual changed
 remaining blocks (Flux: 1.55× at τ = 0.08). The decision is per row, so a row's output never
 depends on the rest of the batch, and only the rows that miss run the remaining blocks. A change
 of batch shape (the unconditional branch switching on or off under a guidance interval) is a miss.
+
+It wraps the backbone's layer runner (`run_layers(x, ctx, start, stop)`): the backbone knows nothing
+of it. Shapes: R rows, T tokens, D hidden.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import Tensor
 
 
 class FirstBlockCache:
-    """State for one sampling run.
+    """State for one sampling run; call it in place of the backbone: `hidden = cache(backbone, x, ctx)`.
 
     `hit_rate`: share of row-steps that reused their cache (the share of the remaining blocks'
     work saved); `skip_rate`: share of steps on which every row reused.
@@ -24,9 +27,24 @@ class FirstBlockCache:
         if threshold < 0:
             raise ValueError(f"cache threshold must be >= 0, got {threshold}")
         self.threshold = threshold
-        self.first: Tensor | None = None  # (R, ...) first-block residual at each row's last computed step
-        self.rest: Tensor | None = None  # (R, ...) residual of the remaining blocks at that step
+        self.first: Tensor | None = None  # (R, T, D) first-block residual at each row's last computed step
+        self.rest: Tensor | None = None  # (R, T, D) residual of the remaining blocks at that step
         self.calls = self.skipped = self.row_calls = self.row_hits = 0
+
+    def __call__(self, backbone, x: Tensor, ctx) -> Tensor:
+        """Final-normed hidden states (R, T, D) of `backbone` (an `mmgen.backbone.LlamaModel`) over x
+        (R, T, D) in the attention context `ctx`; the cache is read, never written."""
+        after_first, _ = backbone.run_layers(x, ctx, 0, 1)
+        first = after_first - x
+        hit = self.decide(first)  # (R,)
+        rest = self.rest.clone() if hit.any() else torch.zeros_like(x)
+        miss = (~hit).nonzero().flatten()
+        if len(miss):  # only the rows that miss run the remaining blocks
+            h = after_first[miss]
+            out, _ = backbone.run_layers(h, ctx.select(miss), 1)
+            rest[miss] = out - h
+        self.update(first, rest, hit)
+        return backbone.norm(after_first + rest)
 
     def decide(self, first_residual: Tensor) -> Tensor:
         """Per-row reuse mask (R,) for this step's first-block residual (R, ...)."""

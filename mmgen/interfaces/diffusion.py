@@ -4,22 +4,52 @@ Latents (N, c, G, G) are cut into p×p patches (N, L, P); a linear layer maps ea
 hidden width and a timestep embedding is added per image; a zero-initialized linear layer maps
 the hidden states at the slots back to patch space (ε, v or flow velocity, per `objective`).
 Noise time is drawn per image and capped for an image that precedes its text (DESIGN §4).
+Drawing runs a sampler of `mmgen.diffusion.samplers` over the image slots only, on the prefix's
+cached keys and values (read, never written), the null-prompt branch in the same batch for guidance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
-from mmgen.config import ModelConfig
+from mmgen.backbone import KVCache, pad_and_stack
+from mmgen.config import ImageConfig, ModelConfig
+from mmgen.diffusion.guidance import Guidance
+from mmgen.diffusion.noise import BrownianTreeNoise, iid_noise
 from mmgen.diffusion.objective import Objective
+from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
+from mmgen.diffusion.schedules import make_sigmas, resolution_shift
+from mmgen.diffusion.step_cache import FirstBlockCache
+from mmgen.events import ImageStep
 from mmgen.heads.timestep import timestep_features
-from mmgen.interfaces.base import ImageInterface
+from mmgen.interfaces.base import DrawRequest, Drawing, ImageInterface, require_tokenizer
 from mmgen.tokenizers.image import ImageTokens
+
+DEFAULT_STEPS = 25
+
+
+@dataclass
+class DiffusionOptions:
+    """Image sampling in the backbone (see `GenerationOptions` for each field)."""
+
+    image_steps: int | None = None  # None: DEFAULT_STEPS
+    sampler: str = "euler"
+    schedule: str | Sequence[float] = "uniform"
+    shift: float | str = 1.0
+    eta: float | None = None
+    noise: str = "brownian"
+    guidance: Guidance = field(default_factory=Guidance)
+    cache_threshold: float = 0.0
 
 
 class DiffusionInterface(ImageInterface):
+    name = "diffusion"
     causal = False
+    Options = DiffusionOptions
 
     def __init__(self, config: ModelConfig, time_features: int = 256):
         super().__init__(config)
@@ -30,6 +60,10 @@ class DiffusionInterface(ImageInterface):
         self.proj_in = nn.Linear(p, d)
         self.time_mlp = nn.Sequential(nn.Linear(time_features, d), nn.SiLU(), nn.Linear(d, d))
         self.proj_out = nn.Linear(d, p)
+
+    @classmethod
+    def check_config(cls, image: ImageConfig) -> None:
+        require_tokenizer(cls.name, image, discrete=False)
 
     def init_weights(self) -> None:
         nn.init.zeros_(self.proj_out.weight)  # start by predicting zeros (DiT-style)
@@ -60,3 +94,66 @@ class DiffusionInterface(ImageInterface):
     def loss(self, target: Tensor, slots: Tensor, prev: Tensor, generator=None) -> Tensor:
         err = (self.predict(slots).float() - target.float()).pow(2).mean((1, 2))  # (N,)
         return self.diffusion.loss_weight * err
+
+    # -- drawing ---------------------------------------------------------------------------------
+
+    def denoiser(self, model, cache: KVCache, guidance: Guidance, null: KVCache | None = None,
+                 step_cache: FirstBlockCache | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """D(x, σ) -> x0 for the R rows of `cache` (each ending in <boi>); the cache is read, never written.
+
+        Guided steps run the null prompt's cache `null` (1 row, needed when guidance is on) beside
+        every row in one batch; unguided ones (scale 1, or σ outside the guidance interval) run the
+        rows alone. `step_cache` replaces the backbone call by First Block Cache.
+        """
+        r, L, obj = cache.doc_id.shape[0], self.cfg.tokens_per_image, self.objective
+        image_id = int(cache.image_id.max()) + 1
+        both = pad_and_stack([cache] + [null] * r) if null is not None else None
+
+        def branches(x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
+            kv = both if with_uncond else cache
+            rows = kv.doc_id.shape[0]
+            t = obj.t_from_sigma(sigma.double()).float().expand(rows)
+            a, _ = obj.alpha_sigma(t)
+            x_t = (torch.cat([x, x]) if with_uncond else x) * a.view(-1, 1, 1, 1).to(x.dtype)
+            tokens = self.embed_patches(self.patchify(x_t.to(model.dtype)), t)  # (rows, L, D)
+            positions = kv.next_position[:, None] + torch.arange(L, device=x.device)  # (rows, L)
+            doc = torch.zeros(rows, L, dtype=torch.long, device=x.device)
+            ids = torch.full((rows, L), image_id, device=x.device)
+            ctx = model.context(positions, doc, ids, kv)
+            hidden = step_cache(model.model, tokens, ctx) if step_cache is not None else model.model(tokens, ctx)[0]
+            x0 = obj.to_x0(x_t, self.unpatchify(self.predict(hidden)).to(x.dtype), t)
+            return (x0[:r], x0[r:]) if with_uncond else (x0, None)
+
+        return torch.no_grad()(guidance.denoiser(branches))
+
+    @torch.no_grad()
+    def draw(self, request: DrawRequest) -> Drawing:
+        """Sample latents (R, c, G, G), then commit them as a prompt image would be: decoded to pixels
+        and encoded again by the image tokenizer."""
+        o, m, rows = request.options, request.model, request.rows
+        shift = resolution_shift(self.cfg.tokens_per_image) if o.shift == "auto" else float(o.shift)
+        sigmas = make_sigmas(self.objective, o.image_steps or DEFAULT_STEPS, o.schedule, shift).to(m.device)
+        tc = self.cfg.tokenizer
+        shape = (tc.latent_channels, tc.grid, tc.grid)
+        x = torch.stack([torch.randn(shape, generator=g, device=m.device) for g in request.generators])
+        x = x * sigmas[0].float()
+        kwargs = {}
+        if o.sampler in STOCHASTIC:
+            if o.noise == "brownian":  # one path per row, seed and image index: batch-independent
+                kwargs["noise"] = BrownianTreeNoise(x, float(sigmas[-2]), float(sigmas[0]), request.noise_seeds)
+            else:
+                kwargs["noise"] = iid_noise(x, request.generators)
+            if o.eta is not None:
+                kwargs["eta"] = o.eta
+        request.step_cache = FirstBlockCache(o.cache_threshold) if o.cache_threshold else None
+        null = request.null_prefix()[0] if o.guidance.scale != 1 else None
+        denoiser = self.denoiser(m, request.cache, o.guidance, null, request.step_cache)
+        steps = SAMPLERS[o.sampler].steps(denoiser, x, sigmas, **kwargs)
+        while True:
+            try:
+                info = next(steps)
+            except StopIteration as done:
+                latents = done.value
+                break
+            yield ImageStep(list(range(rows)), info["i"] + 1, info["steps"], info["denoised"])
+        return m.encode_images(m.decode_images(ImageTokens(latents=latents)))

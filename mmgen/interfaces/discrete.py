@@ -1,24 +1,40 @@
 """Chameleon: VQ codes predicted as next tokens, in raster order, with causal attention.
 
 Codes have their own embedding and output head (K rows each) beside the text vocabulary, so a
-pretrained LLM keeps its vocabulary untouched; at decode time text and code logits are joined
-into one vocabulary [text | codes] and `mmgen.grammar.ImageGrammar` decides what may come next.
-The code at slot i is predicted from the hidden state at slot i − 1 (`<boi>` for the first).
+pretrained LLM keeps its vocabulary untouched. The code at slot i is predicted from the hidden
+state at slot i − 1 (`<boi>` for the first). The grammar of an image holds by construction: the
+engine samples only text outside images, this interface draws exactly L codes after <boi>, and the
+engine then writes <eoi>.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmgen.config import ModelConfig
-from mmgen.interfaces.base import ImageInterface
+from mmgen.config import ImageConfig, ModelConfig
+from mmgen.diffusion.guidance import Guidance
+from mmgen.interfaces.base import DrawRequest, require_tokenizer
+from mmgen.interfaces.causal import CausalInterface
+from mmgen.sampling import sample_token
 from mmgen.tokenizers.image import ImageTokens
 
 
-class DiscreteInterface(ImageInterface):
-    causal = True
+@dataclass
+class CodeOptions:
+    """Sampling of codes: CFG on logits (its scale), temperature and top-k."""
+
+    guidance: Guidance = field(default_factory=Guidance)
+    image_temperature: float = 1.0
+    image_top_k: int = 0
+
+
+class DiscreteInterface(CausalInterface):
+    name = "discrete"
+    Options = CodeOptions
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -27,12 +43,18 @@ class DiscreteInterface(ImageInterface):
         self.code_embed = nn.Embedding(k, d)
         self.code_head = nn.Linear(d, k, bias=False)
 
+    @classmethod
+    def check_config(cls, image: ImageConfig) -> None:
+        require_tokenizer(cls.name, image, discrete=True)
+        if image.patch_size != 1:
+            raise ValueError(f"the {cls.name!r} interface predicts one code per token: set image.patch_size=1")
+
     def code_logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., K)."""
         return self.code_head(hidden)
 
     def embed(self, tokens: ImageTokens) -> Tensor:
-        return self.code_embed(self.flatten_codes(tokens.codes))  # (N, L, D)
+        return self.code_embed(tokens.codes.flatten(1))  # (N, L, D)
 
     def train_inputs(self, tokens: ImageTokens, conditions: Tensor, generator=None):
         """Clean code embeddings, except for images that precede their text: there a random share
@@ -40,7 +62,7 @@ class DiscreteInterface(ImageInterface):
         discrete counterpart of the capped noise on conditioning images. Without it a small dataset's
         code sequences are memorized: on the digits, captions of held-out images fell to 31%
         against 99% on the training images. Targets stay the true codes."""
-        codes = self.flatten_codes(tokens.codes)  # (N, L)
+        codes = tokens.codes.flatten(1)  # (N, L)
         n, l = codes.shape
         if self.training and conditions.any():
             rate = torch.rand(n, generator=generator, device=codes.device) * self.max_corruption
@@ -52,16 +74,26 @@ class DiscreteInterface(ImageInterface):
 
     def loss(self, tokens: ImageTokens, slots: Tensor, prev: Tensor, generator=None) -> Tensor:
         logits = self.code_logits(prev).float()  # (N, L, K)
-        ce = F.cross_entropy(logits.flatten(0, 1), self.flatten_codes(tokens.codes).flatten(), reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens.codes.flatten(), reduction="none")
         return ce.view(len(logits), -1).mean(1)  # (N,)
 
-    # -- drawing, one token at a time ----------------------------------------------------------
+    # -- drawing, one code at a time -------------------------------------------------------------
 
-    def sample_token(self, prev, prev_uncond, codes: Tensor, opts, generators) -> ImageTokens:
-        return ImageTokens(codes=codes)
+    def sample_codes(self, cond: Tensor, uncond: Tensor | None, request: DrawRequest) -> Tensor:
+        """Codes (R,) from the predicting hidden states (R, D), CFG on logits when `uncond` is given."""
+        o = request.options
+        logits = self.code_logits(cond).float()  # (R, K)
+        if uncond is not None:
+            logits_u = self.code_logits(uncond).float()
+            logits = logits_u + o.guidance.scale * (logits - logits_u)
+        return sample_token(logits, request.generators, o.image_temperature, o.image_top_k)
 
-    def embed_token(self, step: ImageTokens) -> Tensor:
+    def sample_step(self, cond: Tensor, uncond: Tensor | None, request: DrawRequest) -> ImageTokens:
+        return ImageTokens(codes=self.sample_codes(cond, uncond, request))
+
+    def embed_step(self, step: ImageTokens) -> Tensor:
         return self.code_embed(step.codes)[:, None]  # (R, 1, D)
 
     def assemble(self, steps: list[ImageTokens]) -> ImageTokens:
-        return ImageTokens(codes=self.unflatten_codes(torch.stack([s.codes for s in steps], 1)))
+        codes = torch.stack([s.codes for s in steps], 1)  # (R, L)
+        return ImageTokens(codes=codes.view(len(codes), self.cfg.grid, self.cfg.grid))  # (R, g, g)

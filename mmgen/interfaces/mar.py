@@ -7,22 +7,45 @@ that models token i. Drawing runs the head once per token, then feeds the token 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
-from mmgen.config import ModelConfig
+from mmgen.config import ImageConfig, ModelConfig
+from mmgen.diffusion.guidance import Guidance
 from mmgen.heads.mlp import MLPHead
-from mmgen.interfaces.base import ImageInterface
+from mmgen.interfaces.base import DrawRequest, require_tokenizer
+from mmgen.interfaces.causal import CausalInterface
 from mmgen.tokenizers.image import ImageTokens
 
 
-class MARInterface(ImageInterface):
-    causal = True
+@dataclass
+class HeadOptions:
+    """Tokens drawn by the MLP head: `image_steps` steps of `sampler` (None: the head's own `steps`),
+    guidance against the null prompt's hidden state, starting noise scaled by `image_temperature`."""
+
+    guidance: Guidance = field(default_factory=Guidance)
+    image_temperature: float = 1.0
+    image_steps: int | None = None
+    sampler: str = "euler"
+
+
+class MARInterface(CausalInterface):
+    name = "mar"
+    Options = HeadOptions
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.proj_in = nn.Linear(self.cfg.patch_dim, self.hidden_size)
         self.head = MLPHead(self.cfg.patch_dim, self.hidden_size, self.cfg.head)
+
+    @classmethod
+    def check_config(cls, image: ImageConfig) -> None:
+        require_tokenizer(cls.name, image, discrete=False)
+
+    def init_weights(self) -> None:
+        self.head.reset_parameters()  # the MLP head keeps its own (adaLN-Zero) initialization
 
     def embed(self, tokens: ImageTokens) -> Tensor:
         return self.proj_in(self.patchify(tokens.latents.to(self.proj_in.weight.dtype)))  # (N, L, D)
@@ -35,14 +58,13 @@ class MARInterface(ImageInterface):
         per_token = self.head.loss(patches.reshape(n * l, -1), prev.reshape(n * l, d), generator)  # (N·L,)
         return self.cfg.head.loss_weight * per_token.view(n, l).mean(1)
 
-    def sample_token(self, prev, prev_uncond, codes, opts, generators) -> ImageTokens:
-        patch = self.head.sample(
-            prev, opts.image_steps or self.cfg.head.steps, opts.guidance, opts.image_temperature,
-            prev_uncond, generators, opts.sampler,
-        )  # (R, P)
+    def sample_step(self, cond: Tensor, uncond: Tensor | None, request: DrawRequest) -> ImageTokens:
+        o = request.options
+        patch = self.head.sample(cond, o.image_steps or self.cfg.head.steps, o.guidance, o.image_temperature,
+                                 uncond, request.generators, o.sampler)  # (R, P)
         return ImageTokens(latents=patch)
 
-    def embed_token(self, step: ImageTokens) -> Tensor:
+    def embed_step(self, step: ImageTokens) -> Tensor:
         return self.proj_in(step.latents.to(self.proj_in.weight.dtype))[:, None]  # (R, 1, D)
 
     def assemble(self, steps: list[ImageTokens]) -> ImageTokens:

@@ -6,26 +6,23 @@ Every image tokenizer maps images (N, C, R, R) in [-1, 1] to `ImageTokens` on a 
     latents: (N, c, g, g) float, about unit scale    — "pixels", "vae", "diffusers": the latent;
                                                         "hybrid": the residual latent − dequantize(codes)
 The model only ever sees `ImageTokens`; `decode(encode(x))` is the reconstruction.
-A tokenizer directory holds `config.json` (an `ImageTokenizerConfig`) and `model.safetensors`.
+A tokenizer directory holds `config.json` (an `ImageTokenizerConfig`) and `model.safetensors`
+(written and read by `mmgen.files`); `reconstruct` runs decode(encode(x)) over a whole image set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from mmgen.config import ImageTokenizerConfig
-
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+from mmgen.files import load_directory, save_directory
 
 
 @dataclass
@@ -43,13 +40,6 @@ class ImageTokens:
 
     def __getitem__(self, rows) -> ImageTokens:
         return ImageTokens(*(None if v is None else v[rows] for v in (self.codes, self.latents)))
-
-    @staticmethod
-    def cat(parts: list[ImageTokens]) -> ImageTokens:
-        def join(vs):
-            return None if vs[0] is None else torch.cat(vs)
-
-        return ImageTokens(join([p.codes for p in parts]), join([p.latents for p in parts]))
 
 
 class ImageTokenizer(nn.Module):
@@ -92,15 +82,8 @@ class ImageTokenizer(nn.Module):
             )
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors, each via a temporary file and a rename."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (WEIGHTS + ".tmp")
-        save_model(self, str(tmp), metadata={"format": "pt", "kind": self.config.kind})
-        os.replace(tmp, d / WEIGHTS)
-        tmp = d / (CONFIG + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
-        os.replace(tmp, d / CONFIG)
+        """Write model.safetensors, then config.json (see `mmgen.files.save_directory`)."""
+        save_directory(directory, dataclasses.asdict(self.config), self, metadata={"kind": self.config.kind})
 
 
 class PixelTokenizer(ImageTokenizer):
@@ -130,34 +113,29 @@ def build_image_tokenizer(config: ImageTokenizerConfig) -> ImageTokenizer:
     return getattr(importlib.import_module(module), name)(config)
 
 
-def check_weight_shapes(module: nn.Module, weights: Path, config: Path) -> None:
-    """Raise a ValueError naming the first tensors whose shapes in `weights` differ from `module`'s."""
-    from safetensors import safe_open
-
-    expected = module.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        wrong = [f"{k}: file {tuple(f.get_slice(k).get_shape())} vs config {tuple(expected[k].shape)}"
-                 for k in f.keys() if k in expected and tuple(f.get_slice(k).get_shape()) != tuple(expected[k].shape)]
-    if wrong:
-        raise ValueError(f"{weights} does not match {config} (was config.json edited or copied from another "
-                         f"tokenizer?): {'; '.join(wrong[:3])}")
+def config_from_dict(raw: dict[str, Any]) -> ImageTokenizerConfig:
+    """An `ImageTokenizerConfig` from a config.json dict; unknown keys raise a ValueError listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(ImageTokenizerConfig)}
+    if set(raw) - names:
+        raise ValueError(f"unknown keys {sorted(set(raw) - names)}; valid keys: {sorted(names)}")
+    return ImageTokenizerConfig(**raw)
 
 
 def load_image_tokenizer(directory: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
-    """Load a tokenizer saved by `ImageTokenizer.save_pretrained`; errors name the missing or bad file."""
-    d = Path(directory)
-    for name in (CONFIG, WEIGHTS):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} is missing: not an mmgen image tokenizer directory")
-    raw = json.loads((d / CONFIG).read_text())
-    names = {f.name for f in dataclasses.fields(ImageTokenizerConfig)}
-    if set(raw) - names:
-        raise ValueError(f"{d / CONFIG}: unknown keys {sorted(set(raw) - names)}; valid keys: {sorted(names)}")
-    tokenizer = build_image_tokenizer(ImageTokenizerConfig(**raw))
-    check_weight_shapes(tokenizer, d / WEIGHTS, d / CONFIG)
-    missing, unexpected = load_model(tokenizer, str(d / WEIGHTS), strict=False, device=str(device))
-    if missing or unexpected:
-        raise ValueError(
-            f"{d / WEIGHTS} does not match {d / CONFIG}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    return tokenizer.to(device).eval()
+    """Load a tokenizer saved by `ImageTokenizer.save_pretrained`, in eval mode; errors name the missing
+    or bad file (see `mmgen.files.load_directory`)."""
+    return load_directory(directory, lambda raw: build_image_tokenizer(config_from_dict(raw)), device,
+                          what="mmgen image tokenizer")
+
+
+@torch.inference_mode()
+def reconstruct(tokenizer: ImageTokenizer, images: Tensor, batch_size: int = 256, codes_only: bool = False) -> Tensor:
+    """decode(encode(images)) in batches, clamped to [-1, 1], float32 on the CPU (N, C, R, R).
+    `codes_only`: drop the continuous part of hybrid tokens (the VQ-only reconstruction)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        tokens = tokenizer.encode(images[i : i + batch_size].to(tokenizer.device))
+        if codes_only:
+            tokens = ImageTokens(codes=tokens.codes)
+        out.append(tokenizer.decode(tokens).float().clamp(-1, 1).cpu())
+    return torch.cat(out)

@@ -14,8 +14,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from mmgen.config import CONTROL_TOKENS
-
-FILENAME = "tokenizer.model"
+from mmgen.files import TOKENIZER_FILE, atomic_write
 
 
 class TextTokenizer:
@@ -75,11 +74,13 @@ class TextTokenizer:
         return self.sp.decode([i for i in ids if i not in self.special_ids])
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, FILENAME).write_bytes(self.model_proto)
+        """Write `directory`/tokenizer.model (the SentencePiece model proto), atomically."""
+        atomic_write(Path(directory, TOKENIZER_FILE), self.model_proto)
 
     @classmethod
     def load(cls, directory: str | Path) -> TextTokenizer:
-        path = Path(directory, FILENAME)
+        """The tokenizer saved in `directory`/tokenizer.model; raises FileNotFoundError naming it if absent."""
+        path = Path(directory, TOKENIZER_FILE)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the model directory has no text tokenizer")
         return cls(path.read_bytes())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmgen.config import ImageTokenizerConfig
+from mmgen.metrics import code_statistics
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens
 from mmgen.tokenizers.nets import Decoder, Encoder
 
@@ -21,14 +22,6 @@ def reconstruction_loss(recon: Tensor, images: Tensor) -> Tensor:
     """L1 + L2 per pixel (no perceptual network: nothing is downloaded)."""
     diff = recon.float() - images.float()
     return diff.abs().mean() + diff.pow(2).mean()
-
-
-def code_statistics(codes: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(usage, perplexity) of a set of codes: share of the K codes used, exp(entropy of their histogram)."""
-    counts = torch.bincount(codes.flatten(), minlength=k).float()
-    p = counts / counts.sum().clamp_min(1)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum()
-    return (counts > 0).float().mean(), entropy.exp()
 
 
 class Quantizer(nn.Module):

@@ -20,12 +20,14 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model
 from torch import Tensor, nn
+
+from mmgen.files import CONFIG_FILE, atomic_write, fsync_dir
 
 LATEST = "latest"
 STATE = "trainer.json"  # written last: its presence marks a complete checkpoint
@@ -36,41 +38,8 @@ class CheckpointError(ValueError):
 
 
 def step_name(step: int) -> str:
+    """The directory name of the checkpoint of `step`: step_00000500."""
     return f"step_{step:08d}"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    fsync_file(path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    fsync_file(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class CheckpointManager:
@@ -110,7 +79,7 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         fsync_dir(self.root)
-        atomic_write_text(self.root / LATEST, final.name + "\n")
+        atomic_write(self.root / LATEST, final.name + "\n")
         self.prune(keep_also=final)
         return final
 
@@ -179,6 +148,7 @@ def capture_rng(noise: torch.Generator) -> tuple[dict[str, Tensor], dict[str, st
 
 
 def restore_rng(tensors: dict[str, Tensor], meta: dict[str, str], noise: torch.Generator) -> None:
+    """Inverse of `capture_rng`: set every RNG back to the captured state."""
     torch.set_rng_state(tensors["torch"])
     noise.set_state(tensors["noise"])
     pos, has_gauss, cached = json.loads(meta["numpy"])
@@ -190,8 +160,7 @@ def restore_rng(tensors: dict[str, Tensor], meta: dict[str, str], noise: torch.G
 
 
 def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
+    """(tensors, string metadata) of a safetensors file; raises CheckpointError if it is missing."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     with safe_open(str(path), framework="pt") as f:
@@ -201,7 +170,7 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def check_same_model(checkpoint: Path, ours: dict) -> None:
     """Raise CheckpointError listing every model-config field where `checkpoint` differs from this run."""
-    path = checkpoint / "config.json"
+    path = checkpoint / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not an mmgen training checkpoint")
     theirs = json.loads(path.read_text())
@@ -222,6 +191,7 @@ def check_same_model(checkpoint: Path, ours: dict) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load `path` into `model` strictly; raises CheckpointError if it is missing or does not fit."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     try:

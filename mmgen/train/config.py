@@ -13,12 +13,13 @@ Named configs ship in `mmgen/train/configs/`; with no config, `mmgen train` runs
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgen.config import PRESETS, BackboneConfig, DiffusionConfig, ImageConfig, ModelConfig
-from mmgen.train.overrides import ConfigError, build, describe, load_file, opt, set_dotted, suggest, to_dict
+from mmgen.config import PRESETS, BackboneConfig, DiffusionConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
+from mmgen.train.overrides import ConfigError, build, convert, describe, load_file, opt, set_dotted, suggest, to_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "digits-tiny"
@@ -82,7 +83,8 @@ class DataConfig:
 class ModelSection:
     preset: str = opt("tiny", f"model size preset: {', '.join(PRESETS)}")
     image_tokenizer: str | None = opt(None, "directory of a trained image tokenizer (`mmgen train-tokenizer`); "
-                                            "its config replaces model.image.tokenizer")
+                                            "its config replaces model.image.tokenizer, whose channels and "
+                                            "resolution, if given, it must match")
     backbone: dict = opt({}, "overrides of the preset's backbone fields", leaf=True)
     image: dict = opt({}, "overrides of the preset's image fields", leaf=True)
     diffusion: dict = opt({}, "overrides of the preset's diffusion fields", leaf=True)
@@ -202,30 +204,67 @@ def resolve_model(section: ModelSection, load_weights: bool = False):
 
     IMAGE-TOKENIZER HOOK: the one place where a config that names a trained image tokenizer
     checkpoint (`model.image_tokenizer`) gets its config and, with `load_weights`, its weights.
+    Derived defaults: `head_dim` follows the width and heads; `image.patch_size`, when the section
+    does not set it, is 1 for codes (one code per token) and for latent grids narrower than two of
+    the preset's patches (a 2×2 grid), else the preset's.
     """
     raw = to_dict(PRESETS[section.preset]())
     bb = raw["backbone"]
     if bb["head_dim"] == bb["hidden_size"] // bb["num_attention_heads"]:
         bb["head_dim"] = None  # derived: follows hidden_size / heads when those are overridden
+    image = dict(section.image)
     tokenizer = None
     if section.image_tokenizer:
-        from mmgen.tokenizers.image import load_image_tokenizer
-
-        if "tokenizer" in section.image:
-            raise ConfigError("give model.image_tokenizer or model.image.tokenizer, not both")
-        try:
-            tokenizer = load_image_tokenizer(section.image_tokenizer)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"model.image_tokenizer: {e}") from None
+        tokenizer = _trained_image_tokenizer(section.image_tokenizer, image.pop("tokenizer", {}))
         raw["image"]["tokenizer"] = to_dict(tokenizer.config)
-    merged = {part: _merge(raw[part], getattr(section, part), f"model.{part}.")
-              for part in ("backbone", "image", "diffusion")}
+    merged = {part: _merge(raw[part], over, f"model.{part}.")
+              for part, over in (("backbone", section.backbone), ("image", image), ("diffusion", section.diffusion))}
+    tok = merged["image"]["tokenizer"] = convert(merged["image"]["tokenizer"], ImageTokenizerConfig,
+                                                 "model.image.tokenizer")
+    if "patch_size" not in section.image:
+        preset_patch = raw["image"]["patch_size"]
+        merged["image"]["patch_size"] = 1 if tok.discrete or tok.grid < 2 * preset_patch else preset_patch
     config = ModelConfig(
         backbone=build(BackboneConfig, merged["backbone"], "model.backbone."),
         image=build(ImageConfig, merged["image"], "model.image."),
         diffusion=build(DiffusionConfig, merged["diffusion"], "model.diffusion."),
     )
+    from mmgen.interfaces import interface_class
+
+    try:
+        interface_class(config.image)  # what the interface needs of the image section
+    except ValueError as e:
+        raise ConfigError(f"model.image: {e}") from None
     return config, (tokenizer if load_weights else None)
+
+
+IMAGE_FORMAT = ("channels", "resolution")  # the keys of model.image.tokenizer a trained tokenizer is checked against
+
+
+def _trained_image_tokenizer(directory: str, stated: dict):
+    """Load the image tokenizer in `directory`; `stated` (model.image.tokenizer) may only give the image
+    format the config's data are prepared at, which the tokenizer must take (e.g. digits: 1×8²)."""
+    from mmgen.tokenizers.image import load_image_tokenizer
+
+    if not isinstance(stated, dict):
+        raise ConfigError(f"model.image.tokenizer is a section: give a mapping of its keys, got {stated!r}")
+    other = sorted(set(stated) - set(IMAGE_FORMAT))
+    if other:
+        raise ConfigError(f"model.image_tokenizer replaces model.image.tokenizer, which may then only state the image "
+                          f"format ({', '.join(IMAGE_FORMAT)}); remove model.image.tokenizer.{other[0]}")
+    try:
+        tokenizer = load_image_tokenizer(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.image_tokenizer: {e}") from None
+    c = tokenizer.config
+    want = {k: convert(v, int, f"model.image.tokenizer.{k}") for k, v in stated.items()}
+    if any(getattr(c, k) != v for k, v in want.items()):
+        fmt = f"{want.get('channels', c.channels)}×{want.get('resolution', c.resolution)}²"
+        raise ConfigError(f"model.image_tokenizer: {directory} takes {c.channels}×{c.resolution}² images, this "
+                          f"config's images are {fmt} (model.image.tokenizer); train a tokenizer at that format "
+                          "(`mmgen train-tokenizer --channels C --resolution R`) or set model.image.tokenizer.channels "
+                          "and .resolution to the tokenizer's")
+    return tokenizer
 
 
 def _merge(base: dict, over: dict, where: str) -> dict:
@@ -255,7 +294,8 @@ MODEL_HELP = {
     "model.backbone.qk_norm": "RMSNorm on queries and keys (Chameleon; helps stability)",
     "model.backbone.initializer_range": "std of the normal initialization",
     "model.image.interface": "diffusion (Transfusion), discrete (Chameleon), hybrid (HART) or mar",
-    "model.image.patch_size": "latent cells per token along each side",
+    "model.image.patch_size": "latent cells per token along each side (unset: 1 for codes and for 2×2 grids, else "
+                              "the preset's)",
     "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
     "model.image.tokenizer.channels": "image channels (1 grey, 3 RGB); data are converted to this",
     "model.image.tokenizer.resolution": "image side in pixels; data are resized and center-cropped to it",
@@ -313,18 +353,25 @@ def config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a named config ({', '.join(named_configs())})")
 
 
-def load_config(name_or_path: str | None = None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:
+def load_config(name_or_path: str | None = None,
+                overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> TrainConfig:
     """Defaults < the config file (None: the bundled default job) < `overrides` (dotted keys).
 
     The model section is resolved too, so a bad model key fails here, not after the data are indexed.
+
+    Args:
+        name_or_path: a YAML/JSON file or the name of a shipped config (`digits-tiny`).
+        overrides: dotted key -> value, a mapping in code (`{"train.steps": 500, "model.image_tokenizer": DIR}`)
+            or (key, raw string) pairs from the command line; values are type-checked like the file's.
     """
     path = config_path(name_or_path or DEFAULT_CONFIG)
+    pairs = list(overrides.items() if isinstance(overrides, Mapping) else overrides)
     raw = _merge(to_dict(TrainConfig()), load_file(path), "")
-    for key, value in overrides:
+    for key, value in pairs:
         set_dotted(raw, key, value)
     try:
         config = build(TrainConfig, raw)
         resolve_model(config.model)
     except ConfigError as e:
-        raise ConfigError(f"{e} (config {path}{' and command-line overrides' if overrides else ''})") from None
+        raise ConfigError(f"{e} (config {path}{' and overrides' if pairs else ''})") from None
     return config

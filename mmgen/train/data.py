@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmgen.chat_template import Message, render
-from mmgen.data.sources import DataError, Source, UnreadableItem
+from mmgen.data.source import DataError, Source, UnreadableItem
 from mmgen.sequence import SequenceBuilder
 from mmgen.train.packing import Item, Packer
 

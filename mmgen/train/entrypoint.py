@@ -70,7 +70,7 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Run the training command; returns the run directory (None for --help / --print-config)."""
-    from mmgen.data.sources import DataError
+    from mmgen.data.source import DataError
     from mmgen.train.checkpoints import CheckpointError
     from mmgen.train.config import DEFAULT_CONFIG, help_text, load_config, named_configs
     from mmgen.train.overrides import ConfigError, to_dict

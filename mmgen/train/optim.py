@@ -8,6 +8,7 @@ so a checkpoint is read back without unpickling anything.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,11 +33,18 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases and embeddings undecayed; skip frozen parameters."""
+def decays_matrices(name: str, p: nn.Parameter) -> bool:
+    """The default weight-decay rule: matrices decay; norms, biases and embeddings do not."""
+    return p.dim() >= 2 and "embed" not in name
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 decays: Callable[[str, nn.Parameter], bool] = decays_matrices) -> list[dict]:
+    """Two AdamW groups of the trainable parameters (frozen ones are skipped): those for which
+    `decays(name, parameter)` holds get `weight_decay`, the others none."""
     decay, no_decay = [], []
     for name, p in trainable(model).items():
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -64,7 +64,8 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--{key}: {'.'.join(parts[:i])} is a list of {len(node)}; {part!r} is not an index in it")
+                raise ConfigError(f"--{key}: {'.'.join(parts[:i])} is a list of {len(node)}; {part!r} is not an "
+                                  "index in it")
             if last:
                 node[int(part)] = value
             else:
@@ -82,6 +83,48 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def _is_optional(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        f = float(value) if isinstance(value, (str, float)) else None
+    except ValueError:
+        f = None
+    if f is not None and f.is_integer():
+        return int(f)
+    raise ConfigError(f"{where} must be an integer, got {value!r}")
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where} must be a number, got {value!r}")
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where} must be a string, got {value!r}")
+
+
+SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}  # type -> checked conversion
 
 
 def convert(value: Any, tp: Any, where: str) -> Any:
@@ -106,37 +149,8 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} is a section: give a mapping of its keys, got {value!r}")
         return build(tp, value, where + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
-            f = float(value) if isinstance(value, (str, float)) else None
-        except ValueError:
-            f = None
-        if f is not None and f.is_integer():
-            return int(f)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if tp in SCALARS:
+        return SCALARS[tp](value, where)
     if origin in (list, tuple):
         if isinstance(value, str):  # from the command line: YAML flow syntax, e.g. "[a, b]"
             value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
@@ -194,7 +208,8 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).upper()
 
 
-def describe(klass: type, prefix: str = "", defaults: Any = None, extra_help: dict[str, str] | None = None) -> list[str]:
+def describe(klass: type, prefix: str = "", defaults: Any = None,
+             extra_help: dict[str, str] | None = None) -> list[str]:
     """`--help` lines for every field of `klass` (recursively), with its type, default and help text."""
     lines = []
     hints = get_type_hints(klass)

@@ -2,8 +2,9 @@
 
 "pack": rows of at most `length` tokens, as few as first-fit decreasing needs, filled evenly; each
 sample is its own document in its row (its own doc_id, positions from 0), so the attention rule
-keeps samples apart and no label crosses a sample boundary. "pad": one sample per row, in order. Rows are padded to the longest.
-Images are numbered in reading order (row by row, left to right), as `SequenceBatch` requires.
+keeps samples apart and no label crosses a sample boundary. "pad": one sample per row, in order.
+Rows are padded to the longest. Images are numbered in reading order (row by row, left to right),
+as `SequenceBatch` requires.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mmgen.files import save_image_grid
 from mmgen.model import MMGenModel
 from mmgen.tokenizers.text import TextTokenizer
 from mmgen.train.optim import EMA
@@ -18,7 +19,6 @@ from mmgen.train.optim import EMA
 def draw_grid(model: MMGenModel, tokenizer: TextTokenizer, ema: EMA | None, cfg, path: Path) -> None:
     """Draw `cfg.per_prompt` images per prompt of `cfg` (a `SampleConfig`) and save them to `path`,
     one row per prompt; the model's own weights and training mode are restored afterwards."""
-    from mmgen.evaluation import save_grid
     from mmgen.generation import GenerationOptions
     from mmgen.pipeline import Pipeline
 
@@ -34,5 +34,4 @@ def draw_grid(model: MMGenModel, tokenizer: TextTokenizer, ema: EMA | None, cfg,
                 ema.swap(model)
             model.train()
     grid = torch.stack(images).view(len(cfg.prompts), cfg.per_prompt, *images[0].shape)  # (rows, cols, C, H, W)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(grid, path, scale=cfg.scale)
+    save_image_grid(grid, path, scale=cfg.scale)

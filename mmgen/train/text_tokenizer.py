@@ -4,7 +4,8 @@ CORPUS items are .txt files or folders of them (one sentence or paragraph per li
 (the "text" / "caption" strings of each line, and the text segments of interleaved documents), or
 a training config (YAML / JSON) whose data sources supply the text. mmgen's special tokens
 (<bos>, <boi>, <eoi>, ...) are control symbols: text that spells them never becomes them.
-Use the result with `mmgen train CONFIG --tokenizer.path=DIR`.
+Use the result with `mmgen train CONFIG --tokenizer.path=DIR`. `run_tokenizer` is the tokenizer
+of a training run: the resumed checkpoint's, `tokenizer.path`, or one trained at start like this.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmgen.data.sources import DataError
+from mmgen.data.source import DataError, Source
+from mmgen.files import TOKENIZER_FILE, atomic_write
+from mmgen.tokenizers.text import TextTokenizer
+from mmgen.train.data import corpus
+from mmgen.train.overrides import ConfigError
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
@@ -39,9 +44,8 @@ def corpus_texts(items: list[str], max_texts: int) -> list[str]:
     for item in items:
         p = Path(item)
         if p.suffix in (".yaml", ".yml", ".json"):
-            from mmgen.train.config import load_config, resolve_model
-            from mmgen.train.data import corpus
             from mmgen.data.sources import build_source
+            from mmgen.train.config import load_config, resolve_model
 
             cfg = load_config(item)
             img = resolve_model(cfg.model)[0].image
@@ -62,11 +66,38 @@ def corpus_texts(items: list[str], max_texts: int) -> list[str]:
     return out[:max_texts]
 
 
+def run_tokenizer(section, sources: list[Source], out: Path, resume_dir: Path | None, main: bool,
+                  barrier: Callable[[], None]) -> TextTokenizer:
+    """The text tokenizer of a training run: the resumed checkpoint's, else `tokenizer.path`'s, else one
+    trained on the main process from the sources' text and written atomically to OUT/tokenizer.model.
+
+    Args:
+        section: the config's `TokenizerSection`.
+        main: whether this is the main process (the one that trains and writes).
+        barrier: waits for every process (the others read the file once the main one has written it).
+    """
+    if resume_dir and (resume_dir / TOKENIZER_FILE).is_file():
+        return TextTokenizer.load(resume_dir)
+    if section.path:
+        p = Path(section.path)
+        path = p / TOKENIZER_FILE if p.is_dir() else p
+        if not path.is_file():
+            raise ConfigError(f"tokenizer.path: {path} does not exist (train one with `mmgen train-text-tokenizer`)")
+        try:
+            return TextTokenizer(path.read_bytes())
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"tokenizer.path: {path}: {e}") from None
+    if main:
+        texts = corpus(sources, section.max_texts)
+        tok = TextTokenizer.train(texts, vocab_size=section.vocab_size, model_type=section.model_type)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / TOKENIZER_FILE, tok.model_proto)
+    barrier()
+    return TextTokenizer.load(out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Train and save the tokenizer; returns the output directory."""
-    from mmgen.tokenizers.text import FILENAME, TextTokenizer
-    from mmgen.train.overrides import ConfigError
-
     p = argparse.ArgumentParser(prog="mmgen train-text-tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", nargs="+", help=".txt / .jsonl files, folders of them, or a training config")
@@ -84,7 +115,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out)
-    print(f"{out / FILENAME}: {len(tok)} pieces from {len(texts)} texts; train with --tokenizer.path={out}")
+    print(f"{out / TOKENIZER_FILE}: {len(tok)} pieces from {len(texts)} texts; train with --tokenizer.path={out}")
     return out
 
 

@@ -1,7 +1,7 @@
 """Training logs: a CSV file always, tensorboard when installed, wandb when asked; the summary line.
 
-Only the main process logs. On resume the CSV keeps its rows up to the resumed step and drops
-the rest (they belong to the interrupted run past its last checkpoint).
+Only the main process logs; `read_log` reads the CSV back. On resume the CSV keeps its rows up to
+the resumed step and drops the rest (they belong to the interrupted run past its last checkpoint).
 """
 
 from __future__ import annotations
@@ -67,6 +67,12 @@ class Tracker:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_log(out: str | Path) -> list[dict[str, float]]:
+    """The rows of OUT/train_log.csv, every value a number (one row per logged window)."""
+    with (Path(out) / "train_log.csv").open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _fmt(v: Any) -> Any:

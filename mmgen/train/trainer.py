@@ -8,7 +8,9 @@ labelled-token and image counts of every micro-batch on every process are summed
 and each process backpropagates its share times the process count (DDP averages gradients):
 P processes with G/P samples each compute the gradient of one process with all G. Then gradient
 clipping, the non-finite guard (skip the update, count it), AdamW with warmup + cosine decay, EMA,
-logs, sample grids, atomic checkpoints, and at the end `save_pretrained` with the EMA weights.
+logs, sample grids, atomic checkpoints, and at the end `save_pretrained` with the EMA weights
+(what a checkpoint holds and how it is read back: `mmgen.train.state`). In code:
+`run(load_config("digits-tiny", {"train.steps": 500, "out": "runs/x"}))`.
 """
 
 from __future__ import annotations
@@ -22,23 +24,22 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from mmgen.data.sources import build_source
+from mmgen.files import WEIGHTS_FILE, atomic_write, write_json
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
-from mmgen.tokenizers.text import FILENAME as TOKENIZER_FILE
-from mmgen.tokenizers.text import TextTokenizer
-from mmgen.train.checkpoints import (STATE, CheckpointError, CheckpointManager, capture_rng, check_same_model,
-                                     fsync_file, load_weights, read_tensors, restore_rng, write_json, write_tensors)
+from mmgen.train.checkpoints import STATE, CheckpointManager, check_same_model, load_weights
 from mmgen.train.config import TrainConfig, resolve_model
-from mmgen.train.data import Mixture, StepBatches, TrainDataset, corpus, make_loader
-from mmgen.train.optim import EMA, load_optimizer_state, lr_at, optimizer_state, param_groups, trainable
+from mmgen.train.data import Mixture, StepBatches, TrainDataset, make_loader
+from mmgen.train.optim import EMA, lr_at, param_groups, trainable
 from mmgen.train.overrides import ConfigError, to_dict
 from mmgen.train.packing import PackedBatch, Packer
 from mmgen.train.samples import draw_grid
+from mmgen.train.state import export, restore, save_checkpoint
+from mmgen.train.text_tokenizer import run_tokenizer
 from mmgen.train.tracking import Tracker, summary
 
 
@@ -61,57 +62,18 @@ class Trainer:
     """Everything one run needs, built from a `TrainConfig`; `fit()` trains and returns the run directory."""
 
     def __init__(self, config: TrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
         c = self.cfg = config
-        # Several processes and no GPU: accelerate needs cpu=True to join them over gloo (otherwise each
-        # process silently trains alone).
-        gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        cpu = not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.acc = Accelerator(cpu=cpu, mixed_precision=c.train.mixed_precision,
-                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.acc = make_accelerator(c)
         self.main, self.rank, self.world = self.acc.is_main_process, self.acc.process_index, self.acc.num_processes
         self.sharded = check_distributed(self.acc, c)  # FSDP: weights gathered for saving; no EMA
-        if c.train.mixed_precision != "no" and not self.acc.native_amp and self.main:
-            print(f"warning: {c.train.mixed_precision} autocast is not available on {self.acc.device} (accelerate "
-                  "turns it off); training in float32" + (" — use bf16 on CPUs" if c.train.mixed_precision == "fp16"
-                                                          else ""), file=sys.stderr)
-        threads = c.train.threads or (max(1, (os.cpu_count() or 1) // self.acc.num_processes) if self.world > 1 else 0)
+        threads = c.train.threads or (max(1, (os.cpu_count() or 1) // self.world) if self.world > 1 else 0)
         if threads:
             torch.set_num_threads(threads)
         self.out = Path(c.out)
         self.ckpts = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep)
         self.resume_dir = self.ckpts.resolve(c.resume) if c.resume else None
         self.state = json.loads((self.resume_dir / STATE).read_text()) if self.resume_dir else {}
-
-        model_cfg, image_tokenizer = resolve_model(c.model, load_weights=True)
-        img = model_cfg.image
-        max_length = model_cfg.backbone.max_position_embeddings
-        self.sources = [build_source(s, seed=c.seed, channels=img.channels, resolution=img.resolution,
-                                     max_chars=4 * max_length, verbose=self.main) for s in c.data.sources]
-        self.tokenizer = self._text_tokenizer()
-        if "vocab_size" not in c.model.backbone:
-            model_cfg.backbone.vocab_size = len(self.tokenizer)
-        elif model_cfg.backbone.vocab_size < len(self.tokenizer):
-            raise ConfigError(f"model.backbone.vocab_size={model_cfg.backbone.vocab_size} is smaller than the text "
-                              f"tokenizer ({len(self.tokenizer)} pieces); remove it to follow the tokenizer")
-        if self.resume_dir:
-            check_same_model(self.resume_dir, model_cfg.to_dict())
-
-        set_seed(c.seed)  # python, numpy and torch global RNGs: the initialization, and anything else that draws
-        self.model = MMGenModel(model_cfg, image_tokenizer)
-        if self.resume_dir:
-            load_weights(self.model, self.resume_dir / "model.safetensors")
-        builder = SequenceBuilder(self.tokenizer, img.channels, img.resolution, img.tokens_per_image, max_length)
-        self.mixture = Mixture([len(s) for s in self.sources], [s.weight for s in c.data.sources], c.seed,
-                               c.data.epoch_size)
-        self.dataset = TrainDataset(self.sources, self.mixture, builder, c.seed, c.data.max_skips, self.main)
-        self.packer = Packer(self.tokenizer.pad_id, img.channels, img.resolution, c.data.packing,
-                             c.data.pack_length or max_length)
-        self.batches = StepBatches(len(self.dataset), c.train.batch_size, self.rank, self.world, c.train.grad_accum,
-                                   0, c.train.steps)
-
+        self._build_model_and_data()
         o = c.optim
         optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
         self.wrapped, self.optimizer = self.acc.prepare(LossModule(self.model), optimizer)
@@ -122,70 +84,38 @@ class Trainer:
         self.counters = {"skipped_steps": 0, "skipped_items": 0, "truncated": 0, "samples_seen": 0,
                          "tokens_seen": 0, "nonfinite_in_a_row": 0}
         if self.resume_dir:
-            self._load_state(self.resume_dir)
+            restore(self, self.resume_dir)
 
-    # -- setup helpers ---------------------------------------------------------------------------
+    def _build_model_and_data(self) -> None:
+        """Sources, text tokenizer, model (seeded; the checkpoint's weights on resume), dataset, batches."""
+        from accelerate.utils import set_seed
 
-    def _text_tokenizer(self) -> TextTokenizer:
-        """From the checkpoint being resumed, from tokenizer.path, or trained here on the data's text."""
-        c = self.cfg.tokenizer
-        if self.resume_dir and (self.resume_dir / TOKENIZER_FILE).is_file():
-            return TextTokenizer.load(self.resume_dir)
-        if c.path:
-            p = Path(c.path)
-            path = p / TOKENIZER_FILE if p.is_dir() else p
-            if not path.is_file():
-                raise ConfigError(f"tokenizer.path: {path} does not exist (train one with `mmgen train-text-tokenizer`)")
-            try:
-                return TextTokenizer(path.read_bytes())
-            except (ValueError, RuntimeError) as e:
-                raise ConfigError(f"tokenizer.path: {path}: {e}") from None
-        target = self.out / TOKENIZER_FILE
-        if self.main:
-            texts = corpus(self.sources, c.max_texts)
-            tok = TextTokenizer.train(texts, vocab_size=c.vocab_size, model_type=c.model_type)
-            self.out.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(tok.model_proto)
-            os.replace(tmp, target)
-        self.acc.wait_for_everyone()
-        return TextTokenizer.load(self.out)
-
-    def _load_state(self, d: Path) -> None:
-        s = self.state
-        if s["global_batch"] != self.cfg.train.batch_size:
-            raise CheckpointError(f"{d} was trained with train.batch_size={s['global_batch']}, this run has "
-                                  f"{self.cfg.train.batch_size}; the data position depends on it: keep it the same")
-        if s["world_size"] != self.world and self.main:
-            print(f"warning: {d} was written by {s['world_size']} process(es), resuming with {self.world}: the data "
-                  "order is the same, the diffusion noise is not (not bit-identical to an uninterrupted run)")
-        if s["step"] > self.cfg.train.steps:
-            raise CheckpointError(f"{d} is at step {s['step']}, past train.steps={self.cfg.train.steps}")
-        if (d / "optimizer.json").is_file() and not self.sharded:
-            tensors, _ = read_tensors(d / "optimizer.safetensors")
-            meta = json.loads((d / "optimizer.json").read_text())
-            try:
-                load_optimizer_state(self.optimizer, self.names, tensors, meta)
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{d}: cannot restore the optimizer: {e}") from None
-        elif self.main:
-            print(f"warning: {d} holds no optimizer state (an FSDP run) or this run is sharded: AdamW's moments "
-                  "restart (not an exact resume)")
-        if self.ema is not None:
-            if (d / "ema.safetensors").is_file():
-                shadow, meta = read_tensors(d / "ema.safetensors")
-                for n, t in self.ema.shadow.items():
-                    t.copy_(shadow[n])
-                self.ema.updates = int(meta.get("updates", 0))
-            else:
-                print(f"warning: {d} has no EMA weights; the EMA starts from the current weights")
-        rng_file = d / f"rng_{self.rank}.safetensors"
-        if rng_file.is_file():
-            restore_rng(*read_tensors(rng_file), self.noise)
-        if self.acc.scaler is not None and "grad_scaler" in s:
-            self.acc.scaler.load_state_dict(s["grad_scaler"])
-        self.step = s["step"]
-        self.counters = {k: s.get(k, 0) for k in self.counters}
+        c = self.cfg
+        model_cfg, image_tokenizer = resolve_model(c.model, load_weights=True)
+        img, max_length = model_cfg.image, model_cfg.backbone.max_position_embeddings
+        self.sources = [build_source(s, seed=c.seed, channels=img.channels, resolution=img.resolution,
+                                     max_chars=4 * max_length, verbose=self.main) for s in c.data.sources]
+        self.tokenizer = run_tokenizer(c.tokenizer, self.sources, self.out, self.resume_dir, self.main,
+                                       self.acc.wait_for_everyone)
+        if "vocab_size" not in c.model.backbone:
+            model_cfg.backbone.vocab_size = len(self.tokenizer)
+        elif model_cfg.backbone.vocab_size < len(self.tokenizer):
+            raise ConfigError(f"model.backbone.vocab_size={model_cfg.backbone.vocab_size} is smaller than the text "
+                              f"tokenizer ({len(self.tokenizer)} pieces); remove it to follow the tokenizer")
+        if self.resume_dir:
+            check_same_model(self.resume_dir, model_cfg.to_dict())
+        set_seed(c.seed)  # python, numpy and torch global RNGs: the initialization, and anything else that draws
+        self.model = MMGenModel(model_cfg, image_tokenizer)
+        if self.resume_dir:
+            load_weights(self.model, self.resume_dir / WEIGHTS_FILE)
+        builder = SequenceBuilder(self.tokenizer, img.channels, img.resolution, img.tokens_per_image, max_length)
+        self.mixture = Mixture([len(s) for s in self.sources], [s.weight for s in c.data.sources], c.seed,
+                               c.data.epoch_size)
+        self.dataset = TrainDataset(self.sources, self.mixture, builder, c.seed, c.data.max_skips, self.main)
+        self.packer = Packer(self.tokenizer.pad_id, img.channels, img.resolution, c.data.packing,
+                             c.data.pack_length or max_length)
+        self.batches = StepBatches(len(self.dataset), c.train.batch_size, self.rank, self.world, c.train.grad_accum,
+                                   0, c.train.steps)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -262,12 +192,13 @@ class Trainer:
         c, total, start = self.cfg, self.cfg.train.steps, self.step
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
+            atomic_write(self.out / "train_config.yaml", yaml.safe_dump(to_dict(c), sort_keys=False))
             self._announce()
         tracker = Tracker(self.out, c.log, to_dict(c), start if self.resume_dir else None, self.main)
         self.batches.start = start
         loader = iter(make_loader(self.dataset, self.batches, self.packer, c.data.num_workers))
-        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not (self.main and c.log.progress))
+        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not (self.main and c.log.progress))
         window: list[tuple[dict, float]] = []
         try:
             for step in range(start, total):
@@ -285,13 +216,13 @@ class Trainer:
                 if c.samples.every and c.samples.prompts and (self.step % c.samples.every == 0 or self.step == total):
                     self.sample_grid()
                 if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or self.step == total:
-                    self.save_checkpoint()
+                    save_checkpoint(self)
         finally:
             bar.close()
             tracker.close()
         if start >= total and self.main:
             print(f"{self.resume_dir} is already at step {total}: nothing to train; exporting")
-        self.export()
+        export(self)
         if c.eval.digits and self.main:
             self.evaluate()
         self.acc.wait_for_everyone()
@@ -327,38 +258,6 @@ class Trainer:
             draw_grid(self.model, self.tokenizer, self.ema, self.cfg.samples,
                       self.out / "samples" / f"step_{self.step:08d}.png")
 
-    def save_checkpoint(self) -> Path:
-        """Every process writes its RNG states, the main one the rest; committed atomically at the end."""
-        acc = self.acc
-        if self.main:
-            self.ckpts.begin(self.step)
-        acc.wait_for_everyone()
-        tmp = self.ckpts.tmp_dir(self.step)
-        write_tensors(tmp / f"rng_{self.rank}.safetensors", *capture_rng(self.noise))
-        self._save_weights(tmp / "model.safetensors")
-        if self.main:
-            if self.ema is not None:
-                write_tensors(tmp / "ema.safetensors", self.ema.shadow, {"updates": str(self.ema.updates)})
-            if not self.sharded:  # sharded (FSDP) optimizer state is not gathered: such a resume restarts the moments
-                tensors, meta = optimizer_state(self.optimizer, self.names)
-                write_tensors(tmp / "optimizer.safetensors", tensors)
-                write_json(tmp / "optimizer.json", meta)
-            write_json(tmp / "config.json", self.model.config.to_dict())
-            write_json(tmp / "train_config.json", to_dict(self.cfg))
-            (tmp / TOKENIZER_FILE).write_bytes(self.tokenizer.model_proto)
-            state = {"step": self.step, "epoch": self.batches.epoch_of(self.step),
-                     "position": self.step % self.batches.steps_per_epoch,
-                     "steps_per_epoch": self.batches.steps_per_epoch, "global_batch": self.cfg.train.batch_size,
-                     "world_size": self.world, "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.seed,
-                     **self.counters}
-            if acc.scaler is not None:
-                state["grad_scaler"] = acc.scaler.state_dict()
-            write_json(tmp / STATE, state)  # last: marks the directory complete
-        acc.wait_for_everyone()
-        final = self.ckpts.commit(self.step) if self.main else self.ckpts.root
-        acc.wait_for_everyone()
-        return final
-
     def evaluate(self) -> dict:
         """The bundled digits evaluation of the exported model: prompted-class and caption accuracy."""
         from mmgen.evaluation import evaluate_digits
@@ -372,34 +271,23 @@ class Trainer:
         print(json.dumps(results, indent=2), flush=True)
         return results
 
-    def export(self) -> None:
-        """`save_pretrained` into OUT with the EMA weights (the raw ones stay in the last checkpoint)."""
-        if self.sharded:  # the gathered weights, written like save_pretrained does (config.json last)
-            self._save_weights(self.out / "model.safetensors.tmp")
-            if self.main:
-                os.replace(self.out / "model.safetensors.tmp", self.out / "model.safetensors")
-                (self.out / TOKENIZER_FILE).write_bytes(self.tokenizer.model_proto)
-                self.model.config.save(self.out / "config.json")
-        elif self.main:
-            if self.ema is not None:
-                self.ema.copy_to(self.model)
-            self.model.save_pretrained(self.out, self.tokenizer)
-        self.acc.wait_for_everyone()
 
-    def _save_weights(self, path: Path) -> None:
-        """The whole model's weights to `path` (main process). Under FSDP every process must call this:
-        the full state dict is gathered collectively."""
-        if not self.sharded:
-            if self.main:
-                save_model(self.model, str(path), metadata={"format": "pt"})
-                fsync_file(path)
-            return
-        state = self.acc.get_state_dict(self.wrapped)  # collective: gathered to the main process
-        if self.main:
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-            if self.model.config.backbone.tie_word_embeddings:
-                state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight; load_model restores it
-            write_tensors(path, state, {"format": "pt"})
+def make_accelerator(c: TrainConfig):
+    """accelerate's `Accelerator` for this run (on every process), DDP with unused parameters allowed."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Several processes and no GPU: accelerate needs cpu=True to join them over gloo (otherwise each
+    # process silently trains alone).
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    cpu = not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(cpu=cpu, mixed_precision=c.train.mixed_precision,
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    precision = c.train.mixed_precision
+    if precision != "no" and not acc.native_amp and acc.is_main_process:
+        print(f"warning: {precision} autocast is not available on {acc.device} (accelerate turns it off); training "
+              "in float32" + (" — use bf16 on CPUs" if precision == "fp16" else ""), file=sys.stderr)
+    return acc
 
 
 def check_distributed(acc, c: TrainConfig) -> bool:

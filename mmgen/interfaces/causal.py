@@ -1,0 +1,54 @@
+"""Interfaces whose image tokens are predicted one after another (discrete, hybrid, mar).
+
+They share the drawing loop: the hidden state at <boi> predicts token 0, each drawn token is fed
+back through the cache and its hidden state predicts the next, L tokens in raster order. For
+guidance the null prompt `<bos> <boi>` runs beside every row in the same batch and is fed the same
+tokens. Subclasses say how one token is sampled from the conditioning hidden states (`sample_step`),
+how a drawn token is embedded (`embed_step`), and how the steps form the image (`assemble`).
+
+Shapes: R rows, D hidden, L tokens per image.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import Tensor
+
+from mmgen.events import ImageStep
+from mmgen.interfaces.base import DrawRequest, Drawing, ImageInterface
+from mmgen.tokenizers.image import ImageTokens
+
+
+class CausalInterface(ImageInterface):
+    causal = True
+
+    @abstractmethod
+    def sample_step(self, cond: Tensor, uncond: Tensor | None, request: DrawRequest) -> ImageTokens:
+        """One token per row from the hidden states that predict it (R, D) (and the null prompt's, when
+        guided): ImageTokens with codes (R,) and/or latents (R, P)."""
+
+    @abstractmethod
+    def embed_step(self, step: ImageTokens) -> Tensor:
+        """A drawn token per row -> its embedding (R, 1, D), fed back to the backbone."""
+
+    @abstractmethod
+    def assemble(self, steps: list[ImageTokens]) -> ImageTokens:
+        """The L drawn tokens -> the image's tokens (codes (R, g, g) and/or latents (R, c, G, G))."""
+
+    @torch.no_grad()
+    def draw(self, request: DrawRequest) -> Drawing:
+        r, length, model = request.rows, self.cfg.tokens_per_image, request.model
+        guided = request.options.guidance.scale != 1
+        kv, h = request.with_null_rows() if guided else (request.cache, request.last)  # (R or 2R rows)
+        everyone = torch.ones(len(h), dtype=torch.bool, device=h.device)
+        steps = []
+        for k in range(length):
+            step = self.sample_step(h[:r], h[r:] if guided else None, request)
+            steps.append(step)
+            if k < length - 1:
+                x = self.embed_step(step)  # (R, 1, D)
+                h = model.extend(kv, torch.cat([x, x]) if guided else x, everyone, True)[:, -1]
+            yield ImageStep(list(range(r)), k + 1, length)
+        return self.assemble(steps)
