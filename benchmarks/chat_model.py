@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from mmgen.chat import Chat
-from mmgen.data.digits import WORDS, DigitsDataset, parse_digit
+from mmgen.data.digits import DigitsDataset, parse_digit
 from mmgen.data.shapes import COLORS, SHAPES, ShapesDataset, classify_color
-from mmgen.evaluation import DigitClassifier, save_grid
+from mmgen.evaluation import DigitClassifier
+from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import to_pil, to_tensor
 
@@ -168,9 +169,9 @@ def main() -> None:
     if args.docs:
         out = Path(args.docs)
         out.mkdir(parents=True, exist_ok=True)
-        save_grid(drawn.view(10, n, *drawn.shape[1:])[:, :8], out / "digits.png", scale=4)
+        save_image_grid(drawn.view(10, n, *drawn.shape[1:])[:, :8], out / "digits.png", scale=4, pad=1)
         grid = torch.stack([im if im is not None else torch.zeros(3, c.resolution, c.resolution) for im in shapes_chat])
-        save_grid(grid.view(len(combos), n, *grid.shape[1:])[:, :8], out / "shapes.png", scale=4)
+        save_image_grid(grid.view(len(combos), n, *grid.shape[1:])[:, :8], out / "shapes.png", scale=4, pad=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from conftest import digit
-from mmgen.generation import Engine
 from mmgen.sequence import IGNORE, attention_mask
 
 

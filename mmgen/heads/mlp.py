@@ -82,7 +82,7 @@ class MLPHead(nn.Module):
 
     def loss(self, target: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-token denoising loss (M,), averaged over `repeat` noise levels and the P values."""
-        r, (m, p) = self.cfg.repeat, target.shape
+        r, m = self.cfg.repeat, len(target)
         x0 = target.float().repeat(r, 1)  # (r·M, P): repeat k of token i sits at row k·M + i
         z = z.repeat(r, 1)
         t = torch.rand(r * m, generator=generator, device=target.device)
