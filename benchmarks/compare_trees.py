@@ -4,11 +4,12 @@
     python benchmarks/compare_trees.py ../mmgen-before .          # before, after
     python benchmarks/compare_trees.py ../mmgen-before . --rounds 3 --train-steps 300
 
-For each tree (put first on PYTHONPATH of a fresh interpreter, so nothing is shared) and each round,
+For each tree (a fresh interpreter started inside the tree, so that its `mmgen` is the one imported;
+checked) and each round,
 alternating between the trees so that a busy machine slows both alike:
   - time to first image: the bundled chat model answers "draw a handwritten digit 7" with an image
     (`Chat.stream(..., image="always")`, 25 Euler steps, guidance 3), seconds from the call to the
-    `ImageDone` event, best of 5 after one warm-up, in a process that has already loaded the model;
+    `ImageDone` event, best of `--repeats` after one warm-up, in a process that has already loaded the model;
   - training tokens/s: `python -m mmgen.train digits-tiny` for `--train-steps` steps (no checkpoints,
     samples or evaluation), tokens over the wall-clock of the logged steps after the first window.
 Prints the median over rounds of each figure per tree and the ratio after / before.
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 FIRST_IMAGE = r"""
-import json, time, torch
+import json, time, torch, mmgen
 from mmgen.chat import Chat, ImageDone
 torch.manual_seed(0)
 chat = Chat.from_pretrained()
@@ -38,18 +39,25 @@ def once():
         if isinstance(event, ImageDone):
             return time.perf_counter() - start
 once()
-print(json.dumps({"first_image_s": min(once() for _ in range(5))}))
+print(json.dumps({"first_image_s": min(once() for _ in range(REPEATS)), "package": mmgen.__file__}))
 """
 
 
-def run_python(tree: Path, args: list[str], cwd: Path | None = None) -> str:
+def run_python(tree: Path, args: list[str]) -> str:
+    """`python ARGS` with the working directory and PYTHONPATH at `tree` (the working directory comes
+    first on sys.path for `-c` and `-m`: started elsewhere, another checkout's mmgen could be imported)."""
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, *args], env=env, cwd=cwd, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *args], env=env, cwd=tree.resolve(), check=True, capture_output=True,
+                          text=True)
     return done.stdout
 
 
-def first_image_seconds(tree: Path) -> float:
-    return json.loads(run_python(tree, ["-c", FIRST_IMAGE]).strip().splitlines()[-1])["first_image_s"]
+def first_image_seconds(tree: Path, repeats: int) -> float:
+    code = FIRST_IMAGE.replace("REPEATS", str(repeats))
+    result = json.loads(run_python(tree, ["-c", code]).strip().splitlines()[-1])
+    if not Path(result["package"]).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"measured {result['package']}, not the checkout {tree}")
+    return result["first_image_s"]
 
 
 def train_tokens_per_second(tree: Path, steps: int, every: int) -> float:
@@ -69,6 +77,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--every", type=int, default=50, help="training log window (steps)")
+    p.add_argument("--repeats", type=int, default=10, help="first-image timings per round (the best counts)")
     args = p.parse_args()
     trees = {"before": args.before, "after": args.after}
     for name, tree in trees.items():
@@ -77,7 +86,7 @@ def main() -> None:
     figures = {name: {"first_image_s": [], "train_tokens_per_s": []} for name in trees}
     for r in range(args.rounds):
         for name, tree in trees.items():
-            figures[name]["first_image_s"].append(first_image_seconds(tree))
+            figures[name]["first_image_s"].append(first_image_seconds(tree, args.repeats))
             figures[name]["train_tokens_per_s"].append(train_tokens_per_second(tree, args.train_steps, args.every))
             print(f"round {r + 1}/{args.rounds} {name}: " + ", ".join(
                 f"{k} {v[-1]:.3f}" for k, v in figures[name].items()), file=sys.stderr, flush=True)

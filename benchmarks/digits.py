@@ -24,6 +24,7 @@ import torch
 from mmgen.data.source import DataError
 from mmgen.evaluation import evaluate_digits
 from mmgen.generation import GenerationOptions
+from mmgen.interfaces import INTERFACES
 from mmgen.train.checkpoints import CheckpointError
 from mmgen.train.config import load_config
 from mmgen.train.overrides import ConfigError
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--model", help="evaluate this model directory instead of training one")
     p.add_argument("--out", default="runs/digits-tiny")
     p.add_argument("--objective", default="flow", choices=["eps", "v", "flow"])
-    p.add_argument("--interface", default="diffusion", choices=["diffusion", "discrete", "hybrid", "mar"])
+    p.add_argument("--interface", default="diffusion", choices=sorted(INTERFACES))
     p.add_argument("--image-tokenizer", help="trained image tokenizer directory (discrete and hybrid need one)")
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--per-digit", type=int, default=20)
