@@ -36,7 +36,8 @@ from mmgen.data.shapes import COLORS, SHAPES, ShapesDataset, classify_color
 from mmgen.evaluation import DigitClassifier
 from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
-from mmgen.pipeline import to_pil, to_tensor
+from mmgen.data.images import load_image
+from mmgen.pipeline import to_pil
 
 
 def shape_features(images: torch.Tensor) -> np.ndarray:
@@ -61,7 +62,7 @@ def shape_classifier(resolution: int) -> tuple[object, float]:
 def image_of(parts: list) -> torch.Tensor | None:
     for p in parts:
         if not isinstance(p, str):
-            return to_tensor(p, 3, p.width)
+            return load_image(p, 3, p.width)
     return None
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 from mmgen import events
 from mmgen.assets import DEFAULT_MODEL
 from mmgen.chat_template import ChatError, Message, parse_messages, render
+from mmgen.files import CONFIG_FILE
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline, to_pil
 from mmgen.tokenizers.image import ImageTokens
@@ -83,7 +84,7 @@ class Chat:
     def from_pretrained(cls, directory: str | Path | None = None, device: str | torch.device = "cpu") -> Chat:
         """Load a model directory (`config.json`, `model.safetensors`, `tokenizer.model`); None: the bundled model."""
         d = Path(directory) if directory is not None else DEFAULT_MODEL
-        if not (d / "config.json").is_file():
+        if not (d / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{d} is not a model directory (no config.json); give the output directory of "
                                     "`mmgen train`, or no path for the bundled model")
         return cls(Pipeline.from_pretrained(d, device))

@@ -160,7 +160,7 @@ def cmd_chat(args) -> None:
 
 
 class _progress:
-    """A tqdm bar driven by the engine's per-step callback (its total comes from the callback)."""
+    """A tqdm bar advanced by each drawing step's `ImageStep` event (its total comes from the event)."""
 
     def __init__(self, total: int | None, desc: str):
         from tqdm.auto import tqdm
@@ -168,9 +168,9 @@ class _progress:
         self.bar = tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
     def __enter__(self):
-        def tick(info: dict) -> None:
-            if self.bar.total != info.get("steps"):
-                self.bar.reset(total=info.get("steps"))
+        def tick(step) -> None:
+            if self.bar.total != step.steps:
+                self.bar.reset(total=step.steps)
             self.bar.update(1)
 
         return tick

@@ -13,9 +13,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from torch import Tensor
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -49,3 +53,13 @@ class Done:
 
 
 Event = Token | ImageStart | ImageStep | ImageDone | Done
+
+
+def relay(steps: Generator[Any, None, R], convert: Callable[[Any], Any]) -> Generator[Any, None, R]:
+    """Re-yield what `steps` yields through `convert`; return what `steps` returns (`x = yield from relay(...)`)."""
+    while True:
+        try:
+            item = next(steps)
+        except StopIteration as done:
+            return done.value
+        yield convert(item)

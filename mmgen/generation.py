@@ -20,13 +20,13 @@ import torch
 from torch import Tensor
 
 from mmgen.backbone import KVCache
-from mmgen.events import Done, Event, ImageDone, ImageStart, ImageStep, Token
+from mmgen.events import Done, Event, ImageDone, ImageStart, ImageStep, Token, relay
 from mmgen.interfaces.base import DrawRequest
 from mmgen.model import MMGenModel
 from mmgen.sampling import GenerationOptions, sample_token
 from mmgen.sequence import SequenceBuilder
 
-__all__ = ["Engine", "GenerationOptions", "sample_token"]
+__all__ = ["Engine", "GenerationOptions"]
 
 Prompt = Sequence["list[int] | Tensor"]
 
@@ -172,7 +172,8 @@ class Engine:
             [rows.generators[i] for i in which],
             [rows.seeds[i] * 1_000_003 + int(rows.n_images[i]) for i in which],  # one noise path per row and image
         )
-        tokens = yield from _global_rows(m.image.draw(request), which)
+        tokens = yield from relay(m.image.draw(request), lambda e: ImageStep([which[i] for i in e.rows], e.step,
+                                                                            e.steps, e.denoised))
         self.step_cache = request.step_cache
         embedded = m.image.embed(tokens)  # (R, L, D)
         full = embedded.new_zeros(len(drawing), *embedded.shape[1:])  # rows not drawing get masked slots
@@ -183,16 +184,6 @@ class Engine:
             yield ImageDone(i, image)
         rows.n_images += drawing.long()
         rows.forced = torch.where(drawing, self.tok.eoi_id, rows.forced)
-
-
-def _global_rows(drawing, rows: list[int]):
-    """Re-yield an interface's `ImageStep` events with the engine's row numbers; return its result."""
-    while True:
-        try:
-            step = next(drawing)
-        except StopIteration as done:
-            return done.value
-        yield ImageStep([rows[i] for i in step.rows], step.step, step.steps, step.denoised)
 
 
 def _append_token(segments: list, token: int) -> None:

@@ -9,13 +9,12 @@ Shapes: B batch, T tokens, D hidden, N images in the batch, L tokens per image, 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-import dataclasses
 
 from mmgen.backbone import AttentionContext, KVCache, LlamaModel
 from mmgen.config import ModelConfig

@@ -18,16 +18,6 @@ from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
 from mmgen.tokenizers.text import TextTokenizer
 
-ImageLike = ImageInput
-
-
-def to_tensor(image: ImageLike, channels: int, resolution: int) -> Tensor:
-    """A path, PIL image, uint8 array (H, W[, C]) or float tensor (C, H, W) in [-1, 1] -> the model's
-    (channels, resolution, resolution) in [-1, 1], through the same conversion as the training data
-    (`mmgen.data.images.load_image`). Raises `UnreadableImage` (a ValueError) naming the problem."""
-    return load_image(image, channels, resolution)
-
-
 def to_pil(image: Tensor, scale: int = 1) -> Image.Image:
     """(C, H, W) in [-1, 1] -> PIL image, optionally upscaled `scale`× with nearest neighbours."""
     arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -51,23 +41,26 @@ class Pipeline:
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Pipeline:
         return cls(MMGenModel.from_pretrained(directory, device), TextTokenizer.load(directory))
 
-    def image(self, image: ImageLike) -> Tensor:
+    def image(self, image: ImageInput) -> Tensor:
+        """A path, PIL image, uint8 array (H, W[, C]) or float tensor (C, H, W) in [-1, 1] -> the model's
+        (C, R, R) in [-1, 1], through the same conversion as the training data (`load_image`); raises
+        `UnreadableImage` (a ValueError) naming the problem."""
         c = self.model.config.image
-        return to_tensor(image, c.channels, c.resolution)
+        return load_image(image, c.channels, c.resolution)
 
     def draw(
         self, prompts: Sequence[str], options: GenerationOptions | None = None, seed: int = 0,
-        progress: Callable[[dict], None] | None = None,
+        progress: Callable[[ImageStep], None] | None = None,
     ) -> list[Tensor]:
-        """One image (C, H, W) in [-1, 1] per prompt; `progress` gets {"i", "steps"} after each drawing step."""
+        """One image (C, H, W) in [-1, 1] per prompt; `progress` sees each drawing step's `ImageStep` event."""
         opts = dataclasses.replace(options or GenerationOptions(), max_new_tokens=1, max_images=1)
         for event in self.engine.stream([[p] for p in prompts], opts, seed=seed, force_image=True):
             if isinstance(event, ImageStep) and progress is not None:
-                progress({"i": event.step - 1, "steps": event.steps})
+                progress(event)
             elif isinstance(event, Done):
                 return [row[0] for row in event.outputs]
 
-    def caption(self, images: Sequence[ImageLike], options: GenerationOptions | None = None, seed: int = 0) -> list[str]:
+    def caption(self, images: Sequence[ImageInput], options: GenerationOptions | None = None, seed: int = 0) -> list[str]:
         """A caption per image (greedy by default)."""
         opts = dataclasses.replace(options or GenerationOptions(max_new_tokens=24, temperature=0), max_images=0)
         rows = self.engine.generate([[self.image(im)] for im in images], opts, seed=seed)

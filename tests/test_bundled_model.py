@@ -12,7 +12,8 @@ from mmgen.chat import Chat
 from mmgen.cli import main
 from mmgen.data.digits import DigitsDataset, parse_digit
 from mmgen.evaluation import DigitClassifier
-from mmgen.pipeline import to_pil, to_tensor
+from mmgen.data.images import load_image
+from mmgen.pipeline import to_pil
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_three_turn_conversation_through_the_api(chat, classifier):
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "draw a handwritten digit 7"}]
     second = chat(messages)
     images = [p for p in second if isinstance(p, Image.Image)]
-    assert len(images) == 1 and classifier.predict(to_tensor(images[0], 3, images[0].width)[None])[0] == 7
+    assert len(images) == 1 and classifier.predict(load_image(images[0], 3, images[0].width)[None])[0] == 7
     messages += [{"role": "assistant", "content": second}, {"role": "user", "content": "what did you draw?"}]
     third = chat(messages)
     assert parse_digit(" ".join(p for p in third if isinstance(p, str))) == 7
@@ -51,7 +52,7 @@ def test_three_turn_conversation_through_the_cli(tmp_path, capsys, classifier):
     out = capsys.readouterr().out
     saved = sorted(tmp_path.glob("*.png"))
     assert len(saved) == 1 and f"[image: {saved[0]}]" in out
-    assert classifier.predict(to_tensor(saved[0], 3, 16)[None])[0] == 7
+    assert classifier.predict(load_image(saved[0], 3, 16)[None])[0] == 7
     last = out.strip().splitlines()[-1]
     assert last.startswith("mmgen>") and parse_digit(last) == 7
 
@@ -60,7 +61,7 @@ def test_generate_and_caption_default_to_the_bundled_model(tmp_path, capsys, cla
     main(["generate", "a handwritten digit 3", "-o", str(tmp_path / "three.png")])
     image = Image.open(tmp_path / "three.png")
     assert image.size == (128, 128)  # 16×16, saved 8× upscaled
-    assert classifier.predict(to_tensor(image, 3, 16)[None])[0] == 3
+    assert classifier.predict(load_image(image, 3, 16)[None])[0] == 3
     capsys.readouterr()
     test = DigitsDataset("test")
     paths = []
@@ -80,4 +81,4 @@ def test_a_shapes_request_gets_the_color_asked_for(chat):
     image = next(p for p in reply if isinstance(p, Image.Image))
     assert classify_color(np.asarray(image.convert("RGB")).reshape(-1, 3)) == "red"
     assert any("red" in p for p in reply if isinstance(p, str))
-    assert torch.is_tensor(to_tensor(image, 3, 16))
+    assert torch.is_tensor(load_image(image, 3, 16))

@@ -5,17 +5,17 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import digit
 
 from mmgen import events
 from mmgen.config import BackboneConfig, HeadConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
+from mmgen.diffusion.guidance import Guidance
 from mmgen.generation import Engine, GenerationOptions
 from mmgen.interfaces import INTERFACES
 from mmgen.interfaces.base import ImageInterface
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
 from mmgen.tokenizers.image import ImageTokens, build_image_tokenizer
-
-from conftest import digit
 
 HEAD = HeadConfig(width=32, depth=2, steps=3)
 
@@ -246,3 +246,16 @@ def test_an_option_the_interface_does_not_take_is_an_error(case, option, tokeniz
     engine = Engine(model, builder_for(model, tokenizer))
     with pytest.raises(ValueError, match=f"{next(iter(option))} do not apply to the '{model.image.name}'"):
         engine.generate([[tokenizer.encode("two")]], GenerationOptions(**option), force_image=True)
+
+
+def test_options_that_would_do_nothing_are_errors(tokenizer):
+    codes = make("discrete", len(tokenizer))
+    with pytest.raises(ValueError, match="classifier-free guidance with its scale only"):
+        codes.image.options(GenerationOptions(guidance=Guidance(scale=2.0, kind="apg")))
+    assert codes.image.options(GenerationOptions(guidance=2.0)).guidance.scale == 2.0
+    hybrid = make("hybrid", len(tokenizer))  # the residual head takes the whole Guidance
+    assert hybrid.image.options(GenerationOptions(guidance=Guidance(scale=2.0, rescale=0.5))).guidance.rescale == 0.5
+    latents = make("diffusion-vae", len(tokenizer))
+    with pytest.raises(ValueError, match="'euler' is deterministic"):
+        latents.image.options(GenerationOptions(sampler="euler", eta=0.5))
+    assert latents.image.options(GenerationOptions(sampler="ddim", eta=0.5, noise="iid")).eta == 0.5

@@ -7,41 +7,42 @@ from PIL import Image
 
 from conftest import digit
 from mmgen.cli import main
-from mmgen.pipeline import Pipeline, to_pil, to_tensor
+from mmgen.data.images import load_image
+from mmgen.pipeline import Pipeline, to_pil
 
 
 def test_image_round_trip_through_png(tmp_path):
     x = digit(4)
     to_pil(x).save(tmp_path / "d.png")
-    y = to_tensor(tmp_path / "d.png", 1, 8)
+    y = load_image(tmp_path / "d.png", 1, 8)
     assert y.shape == (1, 8, 8) and (y - x).abs().max() <= 1 / 127.5 + 1e-6
 
 
 def test_conversions_of_other_inputs():
     rgb = Image.new("RGB", (32, 32), (255, 0, 0))
-    assert to_tensor(rgb, 1, 8).shape == (1, 8, 8)  # converted to the model's mode and size
-    assert to_tensor(np.zeros((8, 8), np.uint8), 1, 8).min() == -1
+    assert load_image(rgb, 1, 8).shape == (1, 8, 8)  # converted to the model's mode and size
+    assert load_image(np.zeros((8, 8), np.uint8), 1, 8).min() == -1
     with pytest.raises(ValueError, match="uint8"):
-        to_tensor(np.zeros((8, 8), np.float32), 1, 8)
+        load_image(np.zeros((8, 8), np.float32), 1, 8)
     with pytest.raises(ValueError, match="unsupported image type"):
-        to_tensor(3, 1, 8)
+        load_image(3, 1, 8)
     with pytest.raises(ValueError, match="aspect ratio"):
-        to_tensor(Image.new("L", (64, 8)), 1, 8)
+        load_image(Image.new("L", (64, 8)), 1, 8)
     with pytest.raises(ValueError, match="at least 2 pixels"):
-        to_tensor(np.zeros((1, 1), np.uint8), 1, 8)
+        load_image(np.zeros((1, 1), np.uint8), 1, 8)
     with pytest.raises(ValueError, match="2-channel"):
-        to_tensor(torch.zeros(2, 8, 8), 3, 8)
-    assert to_tensor(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 3, 8).max() == -1  # transparent over black
-    assert to_tensor(Image.new("I;16", (8, 8), 4000), 1, 8).min() == 1  # 16-bit grey scaled to 8 bits
-    assert to_tensor(Image.new("CMYK", (8, 8)), 3, 8).shape == (3, 8, 8)
+        load_image(torch.zeros(2, 8, 8), 3, 8)
+    assert load_image(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 3, 8).max() == -1  # transparent over black
+    assert load_image(Image.new("I;16", (8, 8), 4000), 1, 8).min() == 1  # 16-bit grey scaled to 8 bits
+    assert load_image(Image.new("CMYK", (8, 8)), 3, 8).shape == (3, 8, 8)
 
 
 def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="bad.png: not a readable image"):
-        to_tensor(tmp_path / "bad.png", 1, 8)
+        load_image(tmp_path / "bad.png", 1, 8)
     with pytest.raises(ValueError, match="none.png: file not found"):
-        to_tensor(tmp_path / "none.png", 1, 8)
+        load_image(tmp_path / "none.png", 1, 8)
 
 
 @pytest.fixture

@@ -112,6 +112,15 @@ def test_a_trained_image_tokenizer_sets_the_tokens_and_must_take_the_configs_ima
         load_config("digits-tiny", {"model.image_tokenizer": vae, "model.image.interface": "discrete"})
 
 
+def test_grid_and_evaluation_options_are_checked_against_the_interface_at_load_time(tmp_path):
+    vq = trained_tokenizer_stand_in(tmp_path / "vq", kind="vq", downsample=2, latent_channels=4, codebook_size=16)
+    codes = {"model.image_tokenizer": vq, "model.image.interface": "discrete"}
+    load_config("digits-tiny", codes)  # the defaults (the interface's own steps) fit every interface
+    for section in ("samples", "eval"):
+        with pytest.raises(ConfigError, match=f"{section}: option\\(s\\) image_steps do not apply to the 'discrete'"):
+            load_config("digits-tiny", {**codes, f"{section}.image_steps": 10})
+
+
 def test_overrides_in_code_are_a_mapping_checked_like_the_command_line():
     cfg = load_config("digits-tiny", {"train.steps": 7, "optim.lr": "1e-3", "model.image_tokenizer": None})
     assert (cfg.train.steps, cfg.optim.lr, cfg.model.image_tokenizer) == (7, 1e-3, None)

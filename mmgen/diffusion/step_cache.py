@@ -37,12 +37,14 @@ class FirstBlockCache:
         after_first, _ = backbone.run_layers(x, ctx, 0, 1)
         first = after_first - x
         hit = self.decide(first)  # (R,)
-        rest = self.rest.clone() if hit.any() else torch.zeros_like(x)
-        miss = (~hit).nonzero().flatten()
-        if len(miss):  # only the rows that miss run the remaining blocks
-            h = after_first[miss]
-            out, _ = backbone.run_layers(h, ctx.select(miss), 1)
-            rest[miss] = out - h
+        if not hit.any():  # every row runs the remaining blocks, on the context as it is
+            rest = backbone.run_layers(after_first, ctx, 1)[0] - after_first
+        else:  # only the rows that miss run the remaining blocks
+            rest = self.rest.clone()
+            miss = (~hit).nonzero().flatten()
+            if len(miss):
+                h = after_first[miss]
+                rest[miss] = backbone.run_layers(h, ctx.select(miss), 1)[0] - h
         self.update(first, rest, hit)
         return backbone.norm(after_first + rest)
 

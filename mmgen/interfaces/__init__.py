@@ -20,13 +20,19 @@ INTERFACES: dict[str, type[ImageInterface]] = {
 
 
 def interface_class(image: ImageConfig) -> type[ImageInterface]:
-    """The class `image.interface` names, after its own check of `image`; raises ValueError naming the fix."""
+    """The class `image.interface` names; raises ValueError for an unknown name."""
     if image.interface not in INTERFACES:
         raise ValueError(f"unknown image interface {image.interface!r}; choose from {sorted(INTERFACES)}")
-    cls = INTERFACES[image.interface]
+    return INTERFACES[image.interface]
+
+
+def check_image_config(image: ImageConfig) -> type[ImageInterface]:
+    """The interface class for `image`, after its own check of `image` (ValueError naming the fix)."""
+    cls = interface_class(image)
     cls.check_config(image)
     return cls
 
 
 def build_interface(config: ModelConfig) -> ImageInterface:
+    """The model's image interface (its constructor checks the image config)."""
     return interface_class(config.image)(config)

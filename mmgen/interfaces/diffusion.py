@@ -24,9 +24,10 @@ from mmgen.diffusion.objective import Objective
 from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
 from mmgen.diffusion.schedules import make_sigmas, resolution_shift
 from mmgen.diffusion.step_cache import FirstBlockCache
-from mmgen.events import ImageStep
+from mmgen.events import ImageStep, relay
 from mmgen.heads.timestep import timestep_features
 from mmgen.interfaces.base import DrawRequest, Drawing, ImageInterface, require_tokenizer
+from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 
 DEFAULT_STEPS = 25
@@ -64,6 +65,13 @@ class DiffusionInterface(ImageInterface):
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
         require_tokenizer(cls.name, image, discrete=False)
+
+    def options(self, options: GenerationOptions) -> DiffusionOptions:
+        o = super().options(options)
+        if o.sampler not in STOCHASTIC and (o.eta is not None or o.noise != "brownian"):
+            raise ValueError(f"eta and noise apply to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}); "
+                             f"{o.sampler!r} is deterministic: drop them or choose one of those")
+        return o
 
     def init_weights(self) -> None:
         nn.init.zeros_(self.proj_out.weight)  # start by predicting zeros (DiT-style)
@@ -149,11 +157,6 @@ class DiffusionInterface(ImageInterface):
         null = request.null_prefix()[0] if o.guidance.scale != 1 else None
         denoiser = self.denoiser(m, request.cache, o.guidance, null, request.step_cache)
         steps = SAMPLERS[o.sampler].steps(denoiser, x, sigmas, **kwargs)
-        while True:
-            try:
-                info = next(steps)
-            except StopIteration as done:
-                latents = done.value
-                break
-            yield ImageStep(list(range(rows)), info["i"] + 1, info["steps"], info["denoised"])
+        latents = yield from relay(steps, lambda info: ImageStep(list(range(rows)), info["i"] + 1, info["steps"],
+                                                                 info["denoised"]))
         return m.encode_images(m.decode_images(ImageTokens(latents=latents)))

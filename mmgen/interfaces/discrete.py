@@ -19,7 +19,7 @@ from mmgen.config import ImageConfig, ModelConfig
 from mmgen.diffusion.guidance import Guidance
 from mmgen.interfaces.base import DrawRequest, require_tokenizer
 from mmgen.interfaces.causal import CausalInterface
-from mmgen.sampling import sample_token
+from mmgen.sampling import GenerationOptions, sample_token
 from mmgen.tokenizers.image import ImageTokens
 
 
@@ -48,6 +48,14 @@ class DiscreteInterface(CausalInterface):
         require_tokenizer(cls.name, image, discrete=True)
         if image.patch_size != 1:
             raise ValueError(f"the {cls.name!r} interface predicts one code per token: set image.patch_size=1")
+
+    def options(self, options: GenerationOptions) -> CodeOptions:
+        o = super().options(options)
+        if o.guidance != Guidance(scale=o.guidance.scale):
+            raise ValueError(f"the {self.name!r} interface guides code logits by classifier-free guidance with its "
+                             "scale only; APG, rescale, thresholding and intervals act on denoised images: "
+                             "give guidance as a number")
+        return o
 
     def code_logits(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., K)."""

@@ -17,6 +17,7 @@ from mmgen.config import ImageConfig, ModelConfig
 from mmgen.heads.mlp import MLPHead
 from mmgen.interfaces.base import DrawRequest, require_tokenizer
 from mmgen.interfaces.discrete import CodeOptions, DiscreteInterface
+from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 
 
@@ -41,6 +42,10 @@ class HybridInterface(DiscreteInterface):
     def check_config(cls, image: ImageConfig) -> None:
         super().check_config(image)
         require_tokenizer(cls.name, image, discrete=True, kind="hybrid")
+
+    def options(self, options: GenerationOptions) -> HybridOptions:
+        """Any `Guidance` (its scale guides the code logits; all of it guides the residual head)."""
+        return options.image_options(self.Options, self.name)
 
     def init_weights(self) -> None:
         self.head.reset_parameters()  # the MLP head keeps its own (adaLN-Zero) initialization

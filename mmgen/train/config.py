@@ -229,10 +229,10 @@ def resolve_model(section: ModelSection, load_weights: bool = False):
         image=build(ImageConfig, merged["image"], "model.image."),
         diffusion=build(DiffusionConfig, merged["diffusion"], "model.diffusion."),
     )
-    from mmgen.interfaces import interface_class
+    from mmgen.interfaces import check_image_config
 
     try:
-        interface_class(config.image)  # what the interface needs of the image section
+        check_image_config(config.image)  # what the interface needs of the image section
     except ValueError as e:
         raise ConfigError(f"model.image: {e}") from None
     return config, (tokenizer if load_weights else None)
@@ -353,6 +353,21 @@ def config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a named config ({', '.join(named_configs())})")
 
 
+def check_drawing_options(config: TrainConfig, model: ModelConfig) -> None:
+    """Raise ConfigError now if the sample grids' or the evaluation's image options are ones the model's
+    interface does not take (otherwise the run would stop at its first grid, or after training)."""
+    from mmgen.interfaces import interface_class
+    from mmgen.sampling import GenerationOptions
+
+    cls = interface_class(model.image)
+    for name, section in (("samples", config.samples), ("eval", config.eval)):
+        options = GenerationOptions(image_steps=section.image_steps or None, guidance=section.guidance)
+        try:
+            options.image_options(cls.Options, cls.name)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+
 def load_config(name_or_path: str | None = None,
                 overrides: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> TrainConfig:
     """Defaults < the config file (None: the bundled default job) < `overrides` (dotted keys).
@@ -371,7 +386,7 @@ def load_config(name_or_path: str | None = None,
         set_dotted(raw, key, value)
     try:
         config = build(TrainConfig, raw)
-        resolve_model(config.model)
+        check_drawing_options(config, resolve_model(config.model)[0])
     except ConfigError as e:
         raise ConfigError(f"{e} (config {path}{' and overrides' if pairs else ''})") from None
     return config
