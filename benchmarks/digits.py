@@ -24,7 +24,7 @@ import torch
 from mmgen.data.source import DataError
 from mmgen.evaluation import evaluate_digits
 from mmgen.generation import GenerationOptions
-from mmgen.interfaces import INTERFACES
+from mmgen.interfaces.registry import INTERFACES
 from mmgen.train.checkpoints import CheckpointError
 from mmgen.train.config import load_config
 from mmgen.train.overrides import ConfigError

@@ -3,7 +3,7 @@
 `ModelConfig` is what `save_pretrained` writes to `config.json`: the backbone (LLaMA
 hyper-parameters, HF names), the image side (interface, image tokenizer, MLP head) and the
 diffusion objective. Each config checks its own fields; what an image interface needs of the
-image config is checked by the interface (`mmgen.interfaces.interface_class`). Presets are plain
+image config is checked by the interface (`mmgen.interfaces.registry.check_image_config`). Presets are plain
 factories in `PRESETS`.
 """
 
@@ -151,7 +151,7 @@ class HeadConfig:
 class ImageConfig:
     """How images meet the backbone.
 
-    interface: a key of `mmgen.interfaces.INTERFACES`, which checks the rest of this config:
+    interface: a key of `mmgen.interfaces.registry.INTERFACES`, which checks the rest of this config:
         "diffusion": Transfusion. Continuous latents, p×p patches denoised inside the backbone with
                      bidirectional attention within each image.
         "discrete":  Chameleon. VQ codes predicted as next tokens, raster order, causal.

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmgen.backbone import AttentionContext, KVCache, LlamaModel
 from mmgen.config import ModelConfig
 from mmgen.files import TOKENIZER_FILE, load_directory, save_directory
-from mmgen.interfaces import build_interface
+from mmgen.interfaces.registry import build_interface
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
 

@@ -75,8 +75,7 @@ class GenerationOptions:
         """This call's image options as `options_class` (a dataclass whose fields are a subset of the
         image fields); raises ValueError naming every image option that is set but not in it."""
         accepted = [f.name for f in dataclasses.fields(options_class)]
-        defaults = GenerationOptions()
-        stray = [n for n in IMAGE_OPTIONS if n not in accepted and getattr(self, n) != getattr(defaults, n)]
+        stray = [n for n in IMAGE_OPTIONS if n not in accepted and getattr(self, n) != getattr(DEFAULTS, n)]
         if stray:
             raise ValueError(f"option(s) {', '.join(stray)} do not apply to the {interface!r} image interface, which "
                              f"takes {', '.join(accepted)}; leave the others at their defaults")
@@ -84,6 +83,7 @@ class GenerationOptions:
 
 
 IMAGE_OPTIONS = tuple(f.name for f in dataclasses.fields(GenerationOptions) if f.name not in TEXT_OPTIONS)
+DEFAULTS = GenerationOptions()
 
 
 def sample_token(logits: Tensor, generators: Sequence[torch.Generator], temperature: float = 1.0, top_k: int = 0,

@@ -54,16 +54,19 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, in
 
 
 def import_graph() -> tuple[dict[str, set[str]], dict[tuple[str, str], str]]:
-    """mmgen module -> the mmgen modules it imports; (importer, imported) -> "file:line" of the import."""
+    """mmgen module -> the mmgen modules it imports, the packages on the way included (so a package
+    `__init__` that imports its own submodules counts as a cycle with them); (importer, imported) -> "file:line"."""
     files = {_module_name(p): p for p in sorted((ROOT / "mmgen").rglob("*.py"))}
     graph: dict[str, set[str]] = {m: set() for m in files}
     where: dict[tuple[str, str], str] = {}
     for module, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        for name, line in _imports(tree, module, path.name == "__init__.py"):
-            if name in files and name != module:
-                graph[module].add(name)
-                where.setdefault((module, name), f"{path.relative_to(ROOT)}:{line}")
+        for imported, line in _imports(tree, module, path.name == "__init__.py"):
+            parts = imported.split(".")  # importing a.b.c runs the packages a and a.b first
+            for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                if name in files and name != module:
+                    graph[module].add(name)
+                    where.setdefault((module, name), f"{path.relative_to(ROOT)}:{line}")
     return graph, where
 
 

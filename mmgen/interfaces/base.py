@@ -13,7 +13,7 @@ and implements
                                                   i.e. <boi> and slots 0..L−2 (N, L, D)
     draw(request)                              a generator: yields `events.ImageStep` progress, returns the
                                                   drawn `ImageTokens` (what the engine commits to the cache)
-A new interface is one file with a subclass plus one line in `mmgen.interfaces.INTERFACES`.
+A new interface is one file with a subclass plus one line in `mmgen.interfaces.registry.INTERFACES`.
 
 Layout: tokens are read in raster order. Codes (N, g, g) <-> (N, L); latents (N, c, G, G) <->
 patches (N, L, c·p·p) with G = g·p.

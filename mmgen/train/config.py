@@ -229,7 +229,7 @@ def resolve_model(section: ModelSection, load_weights: bool = False):
         image=build(ImageConfig, merged["image"], "model.image."),
         diffusion=build(DiffusionConfig, merged["diffusion"], "model.diffusion."),
     )
-    from mmgen.interfaces import check_image_config
+    from mmgen.interfaces.registry import check_image_config
 
     try:
         check_image_config(config.image)  # what the interface needs of the image section
@@ -356,7 +356,7 @@ def config_path(name_or_path: str) -> Path:
 def check_drawing_options(config: TrainConfig, model: ModelConfig) -> None:
     """Raise ConfigError now if the sample grids' or the evaluation's image options are ones the model's
     interface does not take (otherwise the run would stop at its first grid, or after training)."""
-    from mmgen.interfaces import interface_class
+    from mmgen.interfaces.registry import interface_class
     from mmgen.sampling import GenerationOptions
 
     cls = interface_class(model.image)

@@ -95,13 +95,7 @@ def train_image_tokenizer(
     while step < steps and not stop:
         clock_step = steps * (time.perf_counter() - start) / budget
         rate = lr_at(max(step, int(clock_step)), lr, warmup, steps, MIN_LR_RATIO)
-        for group in opt.param_groups:
-            group["lr"] = rate
-        parts = tokenizer.loss(images[torch.randint(len(images), (batch_size,), generator=gen)], step)
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), 1.0)
-        opt.step()
+        parts = _step(tokenizer, opt, images[torch.randint(len(images), (batch_size,), generator=gen)], rate, step)
         step += 1
         stop = time.perf_counter() - start >= budget
         log.add(step, rate, parts, force=step == steps or stop)
@@ -111,11 +105,22 @@ def train_image_tokenizer(
     _checkpoint(tokenizer, calib, show, out)
     tokenizer.eval()
     summary = {"kind": config.kind, "steps": step, "minutes": round((time.perf_counter() - start) / 60, 2),
-               "batch_size": batch_size, "lr": lr, "final": log.records[-1] if log.records else {}}
-    if eval_images is not None:
-        summary.update(_held_out(tokenizer, eval_images))
+               "batch_size": batch_size, "lr": lr, "final": log.records[-1] if log.records else {},
+               **(_held_out(tokenizer, eval_images) if eval_images is not None else {})}
     write_json(out / "train_summary.json", summary)
     return tokenizer, log.records
+
+
+def _step(tokenizer: ImageTokenizer, opt: torch.optim.Optimizer, batch: Tensor, rate: float, step: int) -> dict:
+    """One AdamW step at learning rate `rate` on a batch (B, C, R, R), gradients clipped to norm 1; the loss parts."""
+    for group in opt.param_groups:
+        group["lr"] = rate
+    parts = tokenizer.loss(batch, step)
+    opt.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), 1.0)
+    opt.step()
+    return parts
 
 
 def _trainable(config: ImageTokenizerConfig, images: Tensor) -> ImageTokenizer:
