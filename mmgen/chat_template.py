@@ -25,14 +25,11 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from mmgen.errors import ChatError
 from mmgen.sequence import Sample
 
 ROLES = ("user", "assistant")
 IMAGE_TYPES = (Image.Image, np.ndarray, Tensor, Path)
-
-
-class ChatError(ValueError):
-    """A conversation the template cannot render; the message names the message and the fix."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
 from mmgen.tokenizers.text import TextTokenizer
 
+
 def to_pil(image: Tensor, scale: int = 1) -> Image.Image:
     """(C, H, W) in [-1, 1] -> PIL image, optionally upscaled `scale`× with nearest neighbours."""
     arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()

@@ -18,10 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-
-class UnreadableImage(ValueError):
-    """An image that cannot be used (missing, corrupt, unsupported mode or size); the message names it."""
-
+from mmgen.errors import UnreadableImage
 
 MAX_ASPECT = 4.0  # a longer side over 4× the shorter one would lose most of the image to the center crop
 

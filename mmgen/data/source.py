@@ -10,11 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from mmgen.errors import DataError
 from mmgen.sequence import Sample
-
-
-class DataError(ValueError):
-    """A data source cannot be used at all (missing path, no items); the message says how to fix it."""
 
 
 class UnreadableItem(Exception):

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from mmgen.config import HeadConfig
 from mmgen.diffusion.guidance import Guidance
-from mmgen.diffusion.objective import Objective
 from mmgen.diffusion.noise import iid_noise
+from mmgen.diffusion.objective import Objective
 from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
 from mmgen.diffusion.schedules import make_sigmas
 from mmgen.heads.timestep import timestep_features

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mmgen.events import ImageStep
-from mmgen.interfaces.base import DrawRequest, Drawing, ImageInterface
+from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface
 from mmgen.tokenizers.image import ImageTokens
 
 

@@ -26,7 +26,7 @@ from mmgen.diffusion.schedules import make_sigmas, resolution_shift
 from mmgen.diffusion.step_cache import FirstBlockCache
 from mmgen.events import ImageStep, relay
 from mmgen.heads.timestep import timestep_features
-from mmgen.interfaces.base import DrawRequest, Drawing, ImageInterface, require_tokenizer
+from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface, require_tokenizer
 from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 

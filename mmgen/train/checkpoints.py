@@ -27,14 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model
 from torch import Tensor, nn
 
+from mmgen.errors import CheckpointError
 from mmgen.files import CONFIG_FILE, atomic_write, fsync_dir
 
 LATEST = "latest"
 STATE = "trainer.json"  # written last: its presence marks a complete checkpoint
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 def step_name(step: int) -> str:

@@ -19,9 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names it and says what would be right."""
+from mmgen.errors import ConfigError
 
 
 def opt(default: Any, help: str, **metadata: Any) -> Any:

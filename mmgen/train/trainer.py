@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmgen.data.sources import build_source
+from mmgen.errors import TrainingError
 from mmgen.files import WEIGHTS_FILE, atomic_write, write_json
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
@@ -41,10 +42,6 @@ from mmgen.train.samples import draw_grid
 from mmgen.train.state import export, restore, save_checkpoint
 from mmgen.train.text_tokenizer import run_tokenizer
 from mmgen.train.tracking import Tracker, summary
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row); the message says what to try."""
 
 
 class LossModule(nn.Module):
