@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from mmgen.backbone import KVCache
+from mmgen.errors import InputError, OptionError, check_number
 from mmgen.events import Done, Event, ImageDone, ImageStart, ImageStep, Token, relay
 from mmgen.interfaces.base import DrawRequest
 from mmgen.model import MMGenModel
-from mmgen.sampling import GenerationOptions, sample_token
+from mmgen.sampling import MAX_SEED, GenerationOptions, sample_token
 from mmgen.sequence import SequenceBuilder
 
 __all__ = ["Engine", "GenerationOptions"]
@@ -119,9 +120,13 @@ class Engine:
                force_image: bool | Sequence[bool]) -> _Rows:
         """Validate the call, prefill the prompts and set up each row's state."""
         m, b = self.model, len(prompts)
+        if not b:
+            raise InputError("no prompts: give at least one")
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b:
-            raise ValueError(f"{len(seeds)} seeds for {b} prompts")
+            raise OptionError(f"{len(seeds)} seeds for {b} prompts: give one seed, or one per prompt")
+        for i, s in enumerate(seeds):
+            check_number(f"seed of row {i}" if b > 1 else "seed", s, low=0, high=MAX_SEED, integer=True)
         force = [force_image] * b if isinstance(force_image, bool) else list(force_image)
         if len(force) != b:
             raise ValueError(f"{len(force)} force_image flags for {b} prompts")

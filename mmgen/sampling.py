@@ -18,6 +18,7 @@ from torch import Tensor
 from mmgen.diffusion.guidance import Guidance
 from mmgen.diffusion.samplers import SAMPLERS
 
+MAX_SEED = 2**32 - 1  # seeds are integers in [0, MAX_SEED]; row i of a batch uses seed + i
 TEXT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "max_images")
 
 
