@@ -32,11 +32,11 @@ import torch
 
 from mmgen.chat import Chat
 from mmgen.data.digits import DigitsDataset, parse_digit
+from mmgen.data.images import load_image
 from mmgen.data.shapes import COLORS, SHAPES, ShapesDataset, classify_color
 from mmgen.evaluation import DigitClassifier
 from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
-from mmgen.data.images import load_image
 from mmgen.pipeline import to_pil
 
 

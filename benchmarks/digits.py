@@ -21,15 +21,13 @@ import time
 
 import torch
 
-from mmgen.data.source import DataError
+from mmgen.errors import CheckpointError, ConfigError, DataError, TrainingError
 from mmgen.evaluation import evaluate_digits
 from mmgen.generation import GenerationOptions
 from mmgen.interfaces.registry import INTERFACES
-from mmgen.train.checkpoints import CheckpointError
 from mmgen.train.config import load_config
-from mmgen.train.overrides import ConfigError
 from mmgen.train.tracking import read_log
-from mmgen.train.trainer import TrainingError, run
+from mmgen.train.trainer import run
 
 
 def train(args: argparse.Namespace) -> str:

@@ -10,7 +10,10 @@ Messages follow `mmgen.chat_template` (images in any accepted form; user text ca
 tokens). Options are `GenerationOptions` fields (max_new_tokens, temperature, top_p, top_k,
 guidance, sampler, image_steps, …) plus `seed`, `image` ("auto": the model decides, "always":
 the answer starts with an image, "never": text only), `size` (checked against the model's image
-size) and `scale` (nearest-neighbour upscaling of returned images).
+size) and `scale` (nearest-neighbour upscaling of returned images, 1 to MAX_UPSCALE).
+Errors are raised before any work: a bad option (any of those) raises `OptionError` naming it, its
+value and what is allowed; a conversation or image the template cannot take raises `ChatError`.
+Both are `MMGenError`s and `ValueError`s.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from PIL import Image
 
 from mmgen import events
 from mmgen.assets import DEFAULT_MODEL
-from mmgen.chat_template import ChatError, Message, parse_messages, render
+from mmgen.chat_template import Message, parse_messages, render
+from mmgen.errors import ChatError, OptionError, check_choice, check_number
 from mmgen.files import CONFIG_FILE
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline, to_pil
+from mmgen.sampling import MAX_SEED
 from mmgen.tokenizers.image import ImageTokens
 
 IMAGE_MODES = ("auto", "always", "never")
+MAX_UPSCALE = 64  # `scale` of returned images: 1 (none) to 64×
 
 
 @dataclass
@@ -96,25 +102,31 @@ class Chat:
     # -- options and prompts -----------------------------------------------------------------------
 
     def options(self, image: str = "auto", size: int | None = None, **overrides: Any) -> tuple[GenerationOptions, bool]:
-        """(GenerationOptions, force_image) from the defaults and per-call overrides; raises ChatError."""
-        if image not in IMAGE_MODES:
-            raise ChatError(f"image must be one of {IMAGE_MODES}, got {image!r}")
-        if size is not None and size != self.image_size:
-            raise ChatError(f"this model draws {self.image_size}×{self.image_size} images (its image interface has a "
-                            f"fixed size); drop size={size}, or use scale= to upscale the returned images")
+        """(GenerationOptions, force_image) from the defaults and per-call overrides, checked against the
+        model's image interface too; raises OptionError naming the option."""
+        check_choice("image", image, IMAGE_MODES)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size != self.image_size):
+            raise OptionError(f"size = {size!r:.40}: this model draws {self.image_size}×{self.image_size} images "
+                              "(its image interface has a fixed size); drop size=, or use scale= to upscale the "
+                              "returned images")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(GenerationOptions)}
         if unknown:
-            raise ChatError(f"unknown option(s) {sorted(unknown)}; options are the fields of GenerationOptions plus "
-                            "seed, image, size and scale")
-        try:
-            opts = dataclasses.replace(self.defaults, **overrides)
-        except (ValueError, TypeError) as e:
-            raise ChatError(str(e)) from None
+            raise OptionError(f"unknown option(s) {sorted(unknown)}; options are the fields of GenerationOptions plus "
+                              "seed, image, size and scale")
+        opts = dataclasses.replace(self.defaults, **overrides)
         if image == "never":
             opts = dataclasses.replace(opts, max_images=0)
         elif image == "always":
             opts = dataclasses.replace(opts, max_images=max(1, opts.max_images))
+        self.model.image.options(opts)  # an image option the model's interface does not take
         return opts, image == "always"
+
+    @staticmethod
+    def check_seed_and_scale(seed: Any, scale: Any, rows: int = 1) -> None:
+        """Raise OptionError unless `seed` is an integer whose `rows` seeds (seed + i) lie in [0, MAX_SEED]
+        and `scale` an integer in [1, MAX_UPSCALE]."""
+        check_number("seed", seed, low=0, high=MAX_SEED - (rows - 1), integer=True)
+        check_number("scale", scale, low=1, high=MAX_UPSCALE, integer=True)
 
     def prompt(self, messages: Sequence[Any]) -> list:
         """Messages -> the rendered prompt (segments), ending with `<|assistant|>`; raises ChatError."""
@@ -150,6 +162,7 @@ class Chat:
         """Events as the answer is written: `TextDelta`, `ImageStart`, `ImageStep` (with a preview PIL
         image when `previews`), `ImageDone`, and finally `Done` with the whole turn. Errors in the
         input raise before the first event. Leaving the loop early stops generation at its next event."""
+        self.check_seed_and_scale(seed, scale)
         opts, force = self.options(image, size, **options)
         prompt = self.prompt(messages)
         ids: list[int] = []  # the text tokens since the last image
@@ -173,7 +186,9 @@ class Chat:
                     yield ImageDone(to_pil(e.image, scale))
                 elif isinstance(e, events.Done):
                     yield Done(self._parts(e.outputs, scale)[0])
-        except ValueError as e:  # e.g. an image option the model's interface does not take
+        except OptionError:
+            raise
+        except ValueError as e:  # e.g. no room left in the context for a forced image
             raise ChatError(str(e)) from None
 
     def _preview(self, denoised, scale: int) -> Image.Image | None:
@@ -186,6 +201,7 @@ class Chat:
     def _generate(self, conversations, seed, image, size, scale, options) -> list[list]:
         if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence) or not conversations:
             raise ChatError("give a non-empty list of conversations (each a list of messages)")
+        self.check_seed_and_scale(seed, scale, len(conversations))
         opts, force = self.options(image, size, **options)
         prompts = [self.prompt(c) for c in conversations]
         return self._run(prompts, seed, opts, force, scale)
@@ -194,6 +210,8 @@ class Chat:
         try:
             rows = self.pipe.engine.generate(prompts, opts, seed=seed, force_image=force,
                                              stop=[self.tokenizer.end_id])
+        except OptionError:
+            raise
         except ValueError as e:  # e.g. no room left in the context for a forced image
             raise ChatError(str(e)) from None
         return self._parts(rows, scale)
@@ -214,4 +232,4 @@ class Chat:
         return out
 
 
-__all__ = ["Chat", "ChatError", "Done", "ImageDone", "ImageStart", "ImageStep", "Message", "TextDelta"]
+__all__ = ["Chat", "ChatError", "Done", "ImageDone", "ImageStart", "ImageStep", "Message", "OptionError", "TextDelta"]

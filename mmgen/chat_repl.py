@@ -3,18 +3,22 @@
 Text is printed as it is written; each image is saved under `--out-dir` (upscaled `--scale`×) and
 its path printed. Commands: `/image TEXT` asks for an answer that starts with an image, `/text TEXT`
 for a text-only answer, `/attach PATH` adds an image to your next message, `/reset` starts over,
-`/help`, `/quit` (or Ctrl-D). A bad image, an unknown command or a conversation that outgrows the
-context prints an error and the chat goes on.
+`/help`, `/quit` (or Ctrl-D). A bad image, an unknown command, a line that is not valid UTF-8, a
+conversation that outgrows the context or an image that cannot be saved prints an error and the
+chat goes on.
 """
 
 from __future__ import annotations
 
+import io
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mmgen.chat import Chat, ImageDone, ImageStart, ImageStep, TextDelta
-from mmgen.chat_template import ChatError
+from mmgen.errors import InputError, MMGenError, OutputError
+from mmgen.files import atomic_write
+from mmgen.outputs import output_error
 
 HELP = ("commands: /image TEXT (answer with an image), /text TEXT (text only), /attach PATH (an image for your next "
         "message), /reset, /help, /quit")
@@ -72,7 +76,7 @@ class Session:
             return
         try:
             self.chat.pipe.image(Path(path))  # read it now, so a bad file is reported here
-        except ValueError as e:
+        except InputError as e:
             self.write(f"error: {e}\n")
             return
         self.attachments.append(Path(path))
@@ -99,11 +103,11 @@ class Session:
                 elif isinstance(event, ImageDone):
                     if bar is not None:
                         bar.close()
-                    self.write(f" [image: {self.save(event.image)}] ")
+                    self.show(event.image)
                 else:
                     parts = event.parts
             self.write("\n")
-        except ChatError as e:
+        except MMGenError as e:  # a message the template cannot render, an option or input the model refuses
             self.write(f"\nerror: {e}\n")
             return []
         finally:
@@ -114,11 +118,24 @@ class Session:
         self.turn += 1
         return parts
 
+    def show(self, image) -> None:
+        """Save an answer's image and print its path; if it cannot be saved, say why and go on."""
+        try:
+            self.write(f" [image: {self.save(image)}] ")
+        except OutputError as e:
+            self.write(f"\nerror: {e}\n")
+
     def save(self, image) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Write `image` (upscaled `scale`×) as the next PNG under `out_dir`, atomically; raises OutputError."""
         self.saved += 1
         path = self.out_dir / f"image_{self.saved:03d}.png"
-        image.resize((image.width * self.scale, image.height * self.scale), 0).save(path)  # 0: nearest
+        buf = io.BytesIO()
+        image.resize((image.width * self.scale, image.height * self.scale), 0).save(buf, format="PNG")  # 0: nearest
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, buf.getvalue())
+        except OSError as e:
+            raise output_error(e, path, "--out-dir") from None
         return path
 
 
@@ -130,23 +147,37 @@ def _bar():
 
 def run(chat: Chat, lines: Iterable[str] | None, out_dir: str | Path, scale: int = 8, seed: int = 0,
         options: dict | None = None) -> Session:
-    """Run a session on `lines` (a script), or interactively on stdin when `lines` is None."""
+    """Run a session on `lines` (a script), or interactively on stdin when `lines` is None. A line that
+    is not valid UTF-8 (undecodable bytes arrive as lone surrogates) is reported and skipped."""
     session = Session(chat, out_dir, scale, seed, options)
-    if lines is not None:
-        for line in lines:
-            session.write(f"you> {line}\n")
-            if not session.handle(line):
-                break
-        return session
-    interactive = sys.stdin.isatty()
+    interactive = lines is None and sys.stdin.isatty()
     if interactive:
         session.write(f"mmgen chat ({chat.image_size}×{chat.image_size} images go to {out_dir}/); {HELP}\n")
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
-            session.write("\n")
-            break
-        if not session.handle(line):
+    for number, line in enumerate(_stdin_lines(interactive, session) if lines is None else lines, 1):
+        if lines is not None:
+            session.write(f"you> {line.encode('utf-8', 'backslashreplace').decode()}\n")
+        if _valid_utf8(line, number, session) and not session.handle(line):
             break
     return session
+
+
+def _stdin_lines(interactive: bool, session: Session) -> Iterator[str]:
+    """Lines of stdin until EOF or Ctrl-C at the prompt; bytes that are not UTF-8 become lone surrogates."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    while True:
+        try:
+            yield input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            session.write("\n")
+            return
+
+
+def _valid_utf8(line: str, number: int, session: Session) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        session.write(f"error: line {number} is not valid UTF-8 (an undecodable byte at character {e.start + 1}); "
+                      "it was skipped: type it again, or check the input's encoding\n")
+        return False
+    return True

@@ -8,7 +8,9 @@ or bare images (PIL image, uint8 numpy array, float tensor (C, H, W) in [-1, 1],
 In a user turn the images come first, then the text (the order the models are trained on); in an
 assistant turn parts keep their order. Role markers and `<boi>`/`<eoi>` are inserted as ids; text
 goes through SentencePiece, where they are control symbols no text can produce, so a user who
-types "<|assistant|>" or "<boi>" gets ordinary text pieces (tested).
+types "<|assistant|>" or "<boi>" gets ordinary text pieces (tested). Text must be a str that is valid
+Unicode (`check_text`): a lone surrogate such as "\udc80" is an error naming the message and the
+character, never silently replaced, since a changed prompt is worse than a refused one.
 
 Training and inference render through the same function (`render`); training samples end with
 `<eos>` after the last `<|end|>`, generation stops at `<|end|>`.
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from mmgen.errors import ChatError
+from mmgen.errors import ChatError, InputError
 from mmgen.sequence import Sample
 
 ROLES = ("user", "assistant")
@@ -48,18 +50,39 @@ class Message:
         return [p for p in self.parts if not isinstance(p, str)]
 
 
+def check_text(text: Any, where: str = "the prompt", error: type[InputError] = InputError) -> str:
+    """`text` if it is a str that can be encoded as UTF-8; otherwise raise `error` naming `where`, the
+    type or the position of the first invalid character (a lone surrogate), and the fix."""
+    if not isinstance(text, str):
+        hint = ": decode bytes first, e.g. text.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
+        raise error(f"{where}: text must be a str, got {type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(f"{where}: character {e.start} of the text ({text[e.start]!r}) is a lone surrogate, which is not "
+                    "valid Unicode and cannot be encoded as UTF-8; fix the text (text read with "
+                    "errors='surrogateescape' holds such characters: decode its bytes with errors='replace')") from None
+    return text
+
+
 def _part(part: Any, where: str) -> Any:
-    if isinstance(part, str) or isinstance(part, IMAGE_TYPES):
+    if isinstance(part, str):
+        return check_text(part, where, ChatError)
+    if isinstance(part, IMAGE_TYPES):
         return part
     if isinstance(part, dict):
         kind = part.get("type", "image" if "image" in part else "text")
-        if kind == "text" and isinstance(part.get("text"), str):
-            return part["text"]
+        kind = kind if isinstance(kind, str) else None
+        if kind == "text" and "text" in part:
+            return check_text(part["text"], where, ChatError)
         if kind in ("image", "image_url") and "image" in part:
             image = part["image"]
             return Path(image) if isinstance(image, str) else image
         raise ChatError(f"{where}: a content part must be {{'type': 'text', 'text': str}} or "
                         f"{{'type': 'image', 'image': ...}}, got {part!r:.120}")
+    if isinstance(part, (bytes, bytearray)):
+        raise ChatError(f"{where}: a bytes part is ambiguous: decode text with .decode('utf-8'), or give encoded "
+                        "image bytes as {'type': 'image', 'image': b'...'}")
     raise ChatError(f"{where}: unsupported content part of type {type(part).__name__}: give text, a PIL image, a "
                     "uint8 numpy array, a float tensor (C, H, W), a pathlib.Path or {'type': 'image', 'image': PATH}")
 
@@ -69,9 +92,10 @@ def parse_messages(messages: Sequence[Any], for_generation: bool = True) -> list
 
     Raises:
         ChatError: an empty list, a message that is not a role/content mapping, an unknown role,
-            empty content, or (for generation) a conversation that does not end with the user.
+            a part that is neither text nor an image, text that is not valid Unicode, empty content,
+            or (for generation) a conversation that does not end with the user.
     """
-    if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
         raise ChatError("messages must be a list of {'role': ..., 'content': ...} dicts, e.g. "
                         "[{'role': 'user', 'content': 'draw a red circle'}]")
     if not messages:
@@ -80,18 +104,19 @@ def parse_messages(messages: Sequence[Any], for_generation: bool = True) -> list
     for i, m in enumerate(messages):
         where = f"message {i}"
         if isinstance(m, Message):
-            role, content = m.role, list(m.parts)
+            role, content = m.role, m.parts
         elif isinstance(m, dict) and "role" in m and "content" in m:
             role, content = m["role"], m["content"]
         else:
             raise ChatError(f"{where} is not a {{'role': ..., 'content': ...}} mapping: {m!r:.120}")
-        if role not in ROLES:
-            raise ChatError(f"{where} has unknown role {role!r}: the chat template knows {' and '.join(ROLES)}"
-                            + (" (put instructions into the first user message)" if role == "system" else ""))
+        if not isinstance(role, str) or role not in ROLES:
+            raise ChatError(f"{where} has unknown role {role!r:.60}: the chat template knows {' and '.join(ROLES)}"
+                            + (" (put instructions into the first user message)" if str(role) == "system" else ""))
         parts = [content] if isinstance(content, str) or isinstance(content, IMAGE_TYPES) else content
         if not isinstance(parts, (list, tuple)):
             raise ChatError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
-        parts = [p for p in (_part(p, where) for p in parts) if not (isinstance(p, str) and not p.strip())]
+        named = [(p, where if len(parts) == 1 else f"{where} part {j}") for j, p in enumerate(parts)]
+        parts = [p for p in (_part(p, w) for p, w in named) if not (isinstance(p, str) and not p.strip())]
         if not parts:
             raise ChatError(f"{where} ({role}) has no content: give text or an image")
         out.append(Message(role, [p.strip() if isinstance(p, str) else p for p in parts]))

@@ -1,28 +1,39 @@
-"""`mmgen train | train-text-tokenizer | generate | caption | chat | train-tokenizer | compare-tokenizers`: the
-command-line entry points."""
+"""`mmgen train | train-text-tokenizer | generate | caption | chat | train-tokenizer | compare-tokenizers`:
+the command-line entry points.
+
+Outputs are checked before any work starts. A failure mmgen expects (its errors, a file that cannot be
+read or written) prints one paragraph `error: ...` and exits with status 2; Ctrl-C exits with 130; a
+bug keeps its traceback. `mmgen --debug ...` (or MMGEN_DEBUG=1) shows every traceback. See docs/errors.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
 
+from mmgen.arguments import Parser, integer, positive, shift, text
 from mmgen.diffusion.samplers import SAMPLERS
-from mmgen.files import CONFIG_FILE, save_image_grid
+from mmgen.errors import InputError, ModelFileError, OptionError
+from mmgen.files import CONFIG_FILE, atomic_write, save_image_grid
+from mmgen.outputs import check_output_dir, check_output_file, exit_on_error, output_error
+from mmgen.sampling import MAX_SEED
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)") -> None:
     p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    p.add_argument("--steps", type=integer(1), default=None,
                    help="denoising steps (default: 25 in the backbone; the MLP head's own per token for hybrid/mar)")
     p.add_argument("--image-temperature", type=float, default=1.0,
                    help="codes: sampling temperature; MLP head: scale of its starting noise")
-    p.add_argument("--image-top-k", type=int, default=0, help="codes: top-k (0 = off)")
+    p.add_argument("--image-top-k", type=integer(0), default=0, help="codes: top-k (0 = off)")
     p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
     p.add_argument("--schedule", default="uniform", choices=["uniform", "karras"])
-    p.add_argument("--shift", default="1.0", help="flow shift of the uniform schedule, or 'auto' (from the token count)")
+    p.add_argument("--shift", type=shift, default="1.0",
+                   help="flow shift of the uniform schedule, or 'auto' (from the token count)")
     p.add_argument("--eta", type=float, default=None, help="noise of ddim / dpmpp_2m_sde (default: theirs)")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale w (1 = off)")
     p.add_argument("--guidance-kind", default="cfg", choices=["cfg", "apg"])
@@ -36,7 +47,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperat
     p.add_argument("--cache-threshold", type=float, default=0.0, help="First Block Cache τ (0 = off)")
     p.add_argument("--temperature", type=float, default=None, help=temperature)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=integer(0), default=0)
 
 
 def _options(args, **overrides):
@@ -49,9 +60,8 @@ def _options(args, **overrides):
         interval=tuple(args.interval) if args.interval else None,
     )
     kw = dict(image_steps=args.steps, image_temperature=args.image_temperature, image_top_k=args.image_top_k,
-              sampler=args.sampler, schedule=args.schedule,
-              shift=args.shift if args.shift == "auto" else float(args.shift), eta=args.eta,
-              guidance=guidance, cache_threshold=args.cache_threshold, top_p=args.top_p, top_k=args.top_k)
+              sampler=args.sampler, schedule=args.schedule, shift=args.shift, eta=args.eta, guidance=guidance,
+              cache_threshold=args.cache_threshold, top_p=args.top_p, top_k=args.top_k)
     if args.temperature is not None:
         kw["temperature"] = args.temperature
     return GenerationOptions(**{**kw, **overrides})
@@ -63,69 +73,98 @@ def _load(directory: str | None):
 
     d = Path(directory) if directory else DEFAULT_MODEL
     if not (d / CONFIG_FILE).is_file():
-        raise SystemExit(f"error: {d} is not a model directory (no config.json); give the output directory of "
-                         "`mmgen train`, or leave out --model for the bundled model")
+        raise ModelFileError(f"{d} is not a model directory (no config.json); give the output directory of "
+                             "`mmgen train`, or leave out --model for the bundled model")
     return Pipeline.from_pretrained(d)
 
 
+def _image_format(path: Path, grid: bool) -> str:
+    """The PIL format that `-o` names by its extension; raises OptionError for none PIL can write."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if grid and fmt != "PNG":
+        raise OptionError(f"-o {path}: --grid saves a PNG file; end the name in .png")
+    if fmt is None or fmt not in Image.SAVE:
+        raise OptionError(f"-o {path}: {path.suffix or 'no extension'} is not an image format mmgen can write; "
+                          "end the name in .png (or .jpg, .webp)")
+    return fmt
+
+
 def cmd_generate(args) -> None:
-    """`mmgen generate PROMPT`: draw images and save them as PNG files (or one grid)."""
+    """`mmgen generate PROMPT`: draw images and save them as image files (or one PNG grid)."""
     import torch
 
     from mmgen.pipeline import to_pil
 
+    out = Path(args.output)
+    paths = [out] if args.n == 1 or args.grid else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(args.n)]
+    for path in paths:  # before the model loads: a bad -o fails in a second, not after the drawing
+        check_output_file(path, "-o", create=False)
+    fmt = _image_format(out, args.grid and args.n > 1)
+    options = _options(args)
     pipe = _load(args.model)
     with _progress(args.steps, "draw") as tick:  # the n images are drawn together, one tick per step
-        images = pipe.draw([args.prompt] * args.n, _options(args), seed=args.seed, progress=tick)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.n == 1:
-        to_pil(images[0], args.scale).save(out)
-        print(out)
-    elif args.grid:
-        save_image_grid(torch.stack(images), out, scale=args.scale)
-        print(out)
-    else:
-        for i, img in enumerate(images):
-            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
-            to_pil(img, args.scale).save(path)
-            print(path)
+        images = pipe.draw([args.prompt] * args.n, options, seed=args.seed, progress=tick)
+    target = out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.grid and args.n > 1:
+            save_image_grid(torch.stack(images), out, scale=args.scale)
+        else:
+            for target, image in zip(paths, images, strict=True):
+                buf = io.BytesIO()
+                to_pil(image, args.scale).save(buf, format=fmt)
+                atomic_write(target, buf.getvalue())  # whole or not at all
+    except OSError as e:
+        raise output_error(e, target, "-o") from None
+    print("\n".join(map(str, paths)))
 
 
 def cmd_caption(args) -> None:
-    """`mmgen caption IMAGE...`: print one caption per image file."""
+    """`mmgen caption IMAGE...`: print "PATH<tab>caption" per readable image, in order; each unreadable
+    one is reported on stderr, and then the command fails (status 2)."""
+    options = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
+                       max_images=0)
     pipe = _load(args.model)
-    for path, text in zip(args.images, pipe.caption(args.images, _options(args, max_new_tokens=args.max_new_tokens,
-                                                                              temperature=args.temperature or 0.0,
-                                                                              max_images=0))):
-        print(f"{path}\t{text}")
+    readable = []
+    for path in args.images:
+        try:
+            readable.append((path, pipe.image(Path(path))))
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    captions = pipe.caption([image for _, image in readable], options) if readable else []
+    for (path, _), caption in zip(readable, captions):
+        print(f"{path}\t{caption}")
+    failed = len(args.images) - len(readable)
+    if failed:
+        raise InputError(f"{failed} of {len(args.images)} image file(s) could not be read (each is named above); "
+                         "their captions are missing")
 
 
 def cmd_train_tokenizer(args) -> None:
     """`mmgen train-tokenizer --kind KIND --data DATA`: train and save an image tokenizer."""
     import torch
 
-    from mmgen.config import ImageTokenizerConfig
-    from mmgen.data.image_sets import load_images
-    from mmgen.train.tokenizer import source_defaults, train_image_tokenizer
+    from mmgen.train.tokenizer import source_defaults, source_images, tokenizer_config, train_image_tokenizer
 
+    out = check_output_dir(args.out or f"runs/tokenizers/{Path(args.data).name}-{args.kind}", "--out")
     torch.set_num_threads(args.threads) if args.threads else None
     d = source_defaults(args.data)
     pick = {k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in d}
     if args.kind == "vae":
         pick["codebook_size"] = 0
-    train = load_images(args.data, "train", pick["resolution"], pick["channels"])
-    test = load_images(args.data, "test", pick["resolution"], pick["channels"], limit=1000)
-    config = ImageTokenizerConfig(kind=args.kind, channels=train.shape[1], resolution=train.shape[-1],
-                                  **{k: pick[k] for k in ("latent_channels", "downsample", "codebook_size", "width",
-                                                          "res_blocks")})
-    out = args.out or f"runs/tokenizers/{Path(args.data).name}-{args.kind}"
+    train = source_images(args.data, "train", pick["resolution"], pick["channels"])
+    test = source_images(args.data, "test", pick["resolution"], pick["channels"], limit=1000)
+    config = tokenizer_config(kind=args.kind, channels=train.shape[1], resolution=train.shape[-1],
+                              **{k: pick[k] for k in ("latent_channels", "downsample", "codebook_size", "width",
+                                                      "res_blocks")})
     print(f"training a {args.kind} tokenizer on {len(train)} {args.data} images ({config.grid}×{config.grid} = "
           f"{config.grid ** 2} tokens per image) for {pick['steps']} steps"
           f"{f' or {args.max_minutes} min' if args.max_minutes else ''} -> {out}")
     train_image_tokenizer(config, train, out, steps=pick["steps"], batch_size=pick["batch_size"], lr=pick["lr"],
                           max_minutes=args.max_minutes, seed=args.seed, eval_images=test)
-    print((Path(out) / "train_summary.json").read_text())
+    print((out / "train_summary.json").read_text())
 
 
 def cmd_compare_tokenizers(args) -> None:
@@ -134,9 +173,12 @@ def cmd_compare_tokenizers(args) -> None:
 
     from mmgen.compare import compare_tokenizers, render_markdown
 
-    torch.set_num_threads(args.threads) if args.threads else None
     if args.generation and args.data != "digits":
-        raise ValueError("--generation measures prompted-class accuracy on the digits: use --data digits")
+        raise OptionError("--generation measures prompted-class accuracy on the digits: use --data digits")
+    check_output_dir(args.out, "--out")
+    if args.grid is not None:
+        check_output_file(args.grid, "--grid")
+    torch.set_num_threads(args.threads) if args.threads else None
     specs = list(dict.fromkeys(s.partition(":")[0] for s in args.tokenizers))  # "DIR:interface" -> DIR
     rows = compare_tokenizers(specs, args.data, args.out, held_out=args.held_out, steps=args.steps,
                               max_minutes=args.max_minutes, grid_path=args.grid)
@@ -155,6 +197,7 @@ def cmd_chat(args) -> None:
     from mmgen.chat import Chat
     from mmgen.chat_repl import run
 
+    check_output_dir(args.out_dir, "--out-dir", create=False)  # made when the first image is saved
     defaults = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0)
     run(Chat(_load(args.model), defaults), args.message or None, args.out_dir, scale=args.scale, seed=args.seed)
 
@@ -180,30 +223,35 @@ class _progress:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command in `argv` (default: the process arguments); errors exit with a one-line message."""
+    """Run the command in `argv` (default: the process arguments). mmgen's errors and OS errors print one
+    paragraph and exit with status 2, Ctrl-C exits with 130; `--debug` anywhere (or MMGEN_DEBUG=1) keeps
+    the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if hasattr(sys.stdout, "reconfigure"):  # file names with undecodable bytes are printed as those bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     if argv and argv[0] == "train":
         from mmgen.train.entrypoint import main as train_main
 
         start = time.perf_counter()
-        if train_main(argv[1:]) is not None:
+        if train_main(argv[1:], debug=debug) is not None:
             print(f"done in {time.perf_counter() - start:.0f} s")
         return
     if argv and argv[0] == "train-text-tokenizer":
         from mmgen.train.text_tokenizer import main as text_tokenizer_main
 
-        text_tokenizer_main(argv[1:])
+        text_tokenizer_main(argv[1:], debug=debug)
         return
     args = build_parser().parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    exit_on_error(lambda: args.fn(args), debug)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command but `train` and `train-text-tokenizer` (listed for --help only)."""
-    parser = argparse.ArgumentParser(prog="mmgen", description=__doc__)
+    parser = Parser(prog="mmgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (also after the command, or MMGEN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     # `train` and `train-text-tokenizer` parse their own arguments (typed config overrides); listed here for --help
@@ -212,17 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-text-tokenizer", help="train a SentencePiece text tokenizer on your corpus", add_help=False)
 
     p = sub.add_parser("generate", help="draw images from a caption")
-    p.add_argument("prompt")
-    p.add_argument("-o", "--output", default="out.png")
-    p.add_argument("-n", type=int, default=1, help="number of images")
+    p.add_argument("prompt", type=text)
+    p.add_argument("-o", "--output", default="out.png", help="image file (.png, .jpg, .webp); with -n > 1, "
+                                                               "NAME_0.png, NAME_1.png, ... unless --grid")
+    p.add_argument("-n", type=integer(1), default=1, help="number of images")
     p.add_argument("--grid", action="store_true", help="save the n images as one grid")
-    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the saved PNG")
+    p.add_argument("--scale", type=integer(1, 64), default=8, help="nearest-neighbour upscaling of the saved PNG")
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("caption", help="caption image files")
     p.add_argument("images", nargs="+")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=integer(1), default=24)
     _sampling_args(p)
     p.set_defaults(fn=cmd_caption)
 
@@ -233,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--message", action="append", default=None,
                    help="run these lines (messages or /commands) in order instead of reading stdin; repeatable")
     p.add_argument("--out-dir", default="chat_images", help="where generated images are saved")
-    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of saved images")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--scale", type=integer(1, 64), default=8, help="nearest-neighbour upscaling of saved images")
+    p.add_argument("--max-new-tokens", type=integer(1), default=48)
     _sampling_args(p, temperature="text temperature (default 0 = greedy)")
     p.set_defaults(fn=cmd_chat)
     _add_image_tokenizer_commands(sub)
@@ -247,13 +296,14 @@ def _add_image_tokenizer_commands(sub) -> None:
     p.add_argument("--kind", required=True, choices=["vae", "vq", "hybrid"])
     p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of images")
     p.add_argument("--out", default=None, help="output directory (default: runs/tokenizers/DATA-KIND)")
-    for name, kind in (("resolution", int), ("channels", int), ("downsample", int), ("latent-channels", int),
-                       ("codebook-size", int), ("width", int), ("res-blocks", int), ("steps", int),
-                       ("batch-size", int), ("lr", float)):
+    for name, kind in (("resolution", integer(2)), ("channels", integer(1, 4)), ("downsample", integer(1)),
+                       ("latent-channels", integer(1)), ("codebook-size", integer(0)), ("width", integer(1)),
+                       ("res-blocks", integer(0)), ("steps", integer(1)), ("batch-size", integer(1)),
+                       ("lr", positive)):
         p.add_argument(f"--{name}", type=kind, default=None, help="default: per data source")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (the lr schedule follows it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--max-minutes", type=positive, default=None, help="wall-clock budget (the lr schedule follows it)")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    p.add_argument("--threads", type=integer(0), default=0, help="torch threads (0 = torch's default)")
     p.set_defaults(fn=cmd_train_tokenizer)
 
     p = sub.add_parser("compare-tokenizers", help="compare image tokenizers on the same held-out images")
@@ -261,16 +311,16 @@ def _add_image_tokenizer_commands(sub) -> None:
                    help="tokenizer directories (or a diffusers AutoencoderKL directory), or kinds to train here")
     p.add_argument("--data", default="shapes", help="'digits', 'shapes', or a folder of images")
     p.add_argument("--out", default="runs/compare-tokenizers")
-    p.add_argument("--held-out", type=int, default=1000, help="held-out images to evaluate on")
-    p.add_argument("--steps", type=int, default=None, help="training steps for kinds trained here")
-    p.add_argument("--max-minutes", type=float, default=None, help="training budget per kind trained here")
+    p.add_argument("--held-out", type=integer(1), default=1000, help="held-out images to evaluate on")
+    p.add_argument("--steps", type=integer(1), default=None, help="training steps for kinds trained here")
+    p.add_argument("--max-minutes", type=positive, default=None, help="training budget per kind trained here")
     p.add_argument("--grid", default=None, help="also save the PNG grid here")
     p.add_argument("--generation", action="store_true",
                    help="also train the tiny backbone on the digits with each tokenizer (DIR[:interface]; "
                         "'pixels' for raw pixels) and report prompted-class accuracy, FWD and captions")
-    p.add_argument("--generation-steps", type=int, default=3000, help="backbone training steps per tokenizer")
-    p.add_argument("--per-digit", type=int, default=20, help="images drawn per digit for --generation")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--generation-steps", type=integer(1), default=3000, help="backbone training steps per tokenizer")
+    p.add_argument("--per-digit", type=integer(1), default=20, help="images drawn per digit for --generation")
+    p.add_argument("--threads", type=integer(0), default=0)
     p.set_defaults(fn=cmd_compare_tokenizers)
 
 

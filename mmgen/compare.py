@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from mmgen.config import ImageTokenizerConfig
-from mmgen.data.image_sets import load_images
+from mmgen.errors import OptionError
 from mmgen.files import CONFIG_FILE, save_image_grid, write_json
 from mmgen.metrics import code_statistics_of, frechet_wavelet_distance, fwd_level, psnr, ssim
 from mmgen.tokenizers.image import ImageTokenizer, PixelTokenizer, load_image_tokenizer, reconstruct
-from mmgen.train.tokenizer import source_defaults, train_image_tokenizer
+from mmgen.train.tokenizer import source_defaults, source_images, train_image_tokenizer
 
 COLUMNS = ("tokenizer", "kind", "tokens_per_image", "bits_per_image", "psnr", "psnr_codes_only", "ssim", "fwd",
            "usage", "perplexity", "params", "encode_img_s", "decode_img_s", "train_steps", "train_minutes")
@@ -132,13 +132,13 @@ def resolve_tokenizer(spec: str, data: str, out_dir: Path, steps: int | None, ma
         return "pixels", PixelTokenizer(ImageTokenizerConfig(channels=channels, resolution=resolution,
                                                              latent_channels=channels)), {}
     if spec not in ("vae", "vq", "hybrid"):
-        raise ValueError(f"{spec!r} is neither a tokenizer directory (with config.json) nor a kind to train "
+        raise OptionError(f"{spec!r} is neither a tokenizer directory (with config.json) nor a kind to train "
                          "('vae', 'vq', 'hybrid', or 'pixels')")
     shape = {k: defaults[k] for k in ("downsample", "latent_channels", "width", "res_blocks")}
     cfg = ImageTokenizerConfig(kind=spec, channels=channels, resolution=resolution,
                                codebook_size=defaults["codebook_size"] if spec != "vae" else 0, **shape)
     if train_images is None:
-        train_images = load_images(data, "train", resolution, channels)
+        train_images = source_images(data, "train", resolution, channels)
     tokenizer, _ = train_image_tokenizer(cfg, train_images, out_dir / spec, steps=steps or defaults["steps"],
                                          batch_size=defaults["batch_size"], lr=defaults["lr"],
                                          max_minutes=max_minutes, eval_images=eval_images)
@@ -162,17 +162,17 @@ def compare_tokenizers(specs: list[str], data: str, out_dir: str | Path, held_ou
     out.mkdir(parents=True, exist_ok=True)
     first = Path(specs[0]) / CONFIG_FILE
     resolution = json.loads(first.read_text()).get("resolution") if first.is_file() else None
-    images = load_images(data, "test", resolution, limit=held_out)
+    images = source_images(data, "test", resolution, limit=held_out)
     train_images = None
     rows, columns, labels = [], [images[:grid_images]], ["original"]
     for spec in specs:
         if train_images is None and not (Path(spec) / CONFIG_FILE).is_file() and spec != "pixels":
-            train_images = load_images(data, "train", images.shape[-1], images.shape[1])
+            train_images = source_images(data, "train", images.shape[-1], images.shape[1])
         name, tokenizer, extra = resolve_tokenizer(spec, data, out, steps, max_minutes, train_images, images)
         c = tokenizer.config
         if (c.channels, c.resolution) != (images.shape[1], images.shape[-1]):
-            raise ValueError(f"tokenizer {name} takes {c.channels}×{c.resolution}² images but {data} gives "
-                             f"{images.shape[1]}×{images.shape[-1]}²; pass --resolution or tokenizers trained on {data}")
+            raise OptionError(f"tokenizer {name} takes {c.channels}×{c.resolution}² images but {data} gives "
+                              f"{images.shape[1]}×{images.shape[-1]}²; compare tokenizers trained on {data}")
         row, recon = evaluate_tokenizer(name, tokenizer, images)
         rows.append({**row, **extra})
         columns.append(recon[:grid_images])

@@ -5,8 +5,8 @@ runs through the trainer with the interface its tokens call for (codes -> "discr
 residual -> "hybrid", continuous -> "diffusion", or the one named after a colon, e.g. `pixels:mar`),
 on the same data, seed and step budget. Each model then draws `per_digit` images per prompted digit
 and captions the 297 held-out digits. Reported: prompted-class accuracy (an SVM on real digits
-judges each image), FWD between the drawn and the held-out real digits, caption accuracy, training
-minutes and drawing speed. Run directories: OUT/NAME-INTERFACE (the model, its log, samples.png).
+judges each image), FWD between the drawn and the held-out real digits (None, shown empty, when the
+optional pytorchfwd is not installed), caption accuracy, training minutes and drawing speed. Run directories: OUT/NAME-INTERFACE (the model, its log, samples.png).
 """
 
 from __future__ import annotations
@@ -64,10 +64,11 @@ def measure(run_dir: Path, per_digit: int, guidance: float, seed: int, classifie
     save_image_grid(images, run_dir / "samples.png")
     held_out = DigitsDataset("test")
     cap_acc, _ = caption_accuracy(pipe, held_out)
+    fwd = frechet_wavelet_distance(held_out.images, images.flatten(0, 1).float())  # None without pytorchfwd
     return {
         "tokens/image": pipe.model.config.image.tokens_per_image,
         "prompted acc": round(prompted_accuracy(images, classifier), 3),
-        "gen FWD": round(frechet_wavelet_distance(held_out.images, images.flatten(0, 1).float()), 3),
+        "gen FWD": None if fwd is None else round(fwd, 3),
         "caption acc": round(cap_acc, 3),
         "draw img/s": round(images.shape[0] * images.shape[1] / draw_seconds, 1),
     }

@@ -2,9 +2,10 @@
 
 `ModelConfig` is what `save_pretrained` writes to `config.json`: the backbone (LLaMA
 hyper-parameters, HF names), the image side (interface, image tokenizer, MLP head) and the
-diffusion objective. Each config checks its own fields; what an image interface needs of the
-image config is checked by the interface (`mmgen.interfaces.registry.check_image_config`). Presets are plain
-factories in `PRESETS`.
+diffusion objective. Each config checks its own fields' ranges (a `ConfigError` naming the field);
+`ModelConfig.from_dict` first checks every key and value type of a `config.json` dict
+(`mmgen.config_check`); what an image interface needs of the image config is checked by the
+interface (`mmgen.interfaces.registry.check_image_config`). Presets are plain factories in `PRESETS`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmgen.config_check import build
+from mmgen.errors import ConfigError, ModelFileError, check_number
+
 # Special tokens every mmgen text tokenizer reserves, in id order after <pad> <unk> <bos> <eos>.
 CONTROL_TOKENS = ("<boi>", "<eoi>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def _at_least(config: Any, low: float, *names: str, integer: bool = True, low_open: bool = False) -> None:
+    """Raise a ConfigError naming the first of the fields `names` of `config` that is not a number >= `low`
+    (> `low` when `low_open`; an int when `integer`), e.g. "num_hidden_layers = 0: must be an integer in [1, inf]"."""
+    for name in names:
+        check_number(name, getattr(config, name), low=low, low_open=low_open, integer=integer, error=ConfigError)
 
 
 @dataclass
@@ -39,17 +50,25 @@ class BackboneConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        _at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        _at_least(self, 0, "rms_norm_eps", "rope_theta", integer=False, low_open=True)
+        _at_least(self, 0, "initializer_range", integer=False)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
             )
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        _at_least(self, 2, "head_dim")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim = {self.head_dim}: must be even (rotary embeddings turn pairs of channels); "
+                              "set head_dim, or a hidden_size / num_attention_heads that is even")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> BackboneConfig:
@@ -111,15 +130,21 @@ class ImageTokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in IMAGE_TOKENIZER_KINDS:
-            raise ValueError(f"unknown image tokenizer kind {self.kind!r}; choose from {IMAGE_TOKENIZER_KINDS}")
+            raise ConfigError(f"unknown image tokenizer kind {self.kind!r}; choose from {IMAGE_TOKENIZER_KINDS}")
+        _at_least(self, 1, "channels", "resolution", "latent_channels", "downsample", "width")
+        _at_least(self, 0, "codebook_size", "res_blocks")
+        _at_least(self, 0, "latent_scale", integer=False, low_open=True)
+        check_number("latent_shift", self.latent_shift, error=ConfigError)
+        if self.downsample & (self.downsample - 1):
+            raise ConfigError(f"downsample = {self.downsample}: must be a power of 2 (1, 2, 4, 8, ...)")
         if self.resolution % self.downsample:
-            raise ValueError(f"resolution={self.resolution} is not divisible by downsample={self.downsample}")
+            raise ConfigError(f"resolution={self.resolution} is not divisible by downsample={self.downsample}")
         if self.kind == "pixels" and (self.downsample != 1 or self.latent_channels != self.channels):
-            raise ValueError("the 'pixels' tokenizer has downsample=1 and latent_channels=channels")
+            raise ConfigError("the 'pixels' tokenizer has downsample=1 and latent_channels=channels")
         if self.kind in ("vq", "hybrid") and self.codebook_size < 2:
-            raise ValueError(f"a {self.kind!r} tokenizer needs codebook_size >= 2, got {self.codebook_size}")
+            raise ConfigError(f"a {self.kind!r} tokenizer needs codebook_size >= 2, got {self.codebook_size}")
         if self.kind in ("pixels", "vae", "diffusers") and self.codebook_size:
-            raise ValueError(f"a {self.kind!r} tokenizer is continuous: codebook_size must be 0")
+            raise ConfigError(f"a {self.kind!r} tokenizer is continuous: codebook_size must be 0")
 
     @property
     def grid(self) -> int:
@@ -143,8 +168,11 @@ class HeadConfig:
     loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        _at_least(self, 1, "width", "repeat", "steps")
+        _at_least(self, 0, "depth")
+        _at_least(self, 0, "loss_weight", integer=False)
         if self.objective not in ("eps", "v", "flow"):
-            raise ValueError(f"head objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
+            raise ConfigError(f"head objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
 
 
 @dataclass
@@ -167,11 +195,12 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, dict):
-            self.tokenizer = _from_dict(ImageTokenizerConfig, self.tokenizer, "image.tokenizer")
+            self.tokenizer = build(ImageTokenizerConfig, self.tokenizer, "tokenizer")
         if isinstance(self.head, dict):
-            self.head = _from_dict(HeadConfig, self.head, "image.head")
+            self.head = build(HeadConfig, self.head, "head")
+        _at_least(self, 1, "patch_size")
         if self.tokenizer.grid % self.patch_size:
-            raise ValueError(f"latent grid {self.tokenizer.grid} is not divisible by patch_size={self.patch_size}")
+            raise ConfigError(f"latent grid {self.tokenizer.grid} is not divisible by patch_size={self.patch_size}")
 
     @property
     def channels(self) -> int:
@@ -196,14 +225,6 @@ class ImageConfig:
         return self.tokenizer.latent_channels * self.patch_size**2
 
 
-def _from_dict(klass, d: dict[str, Any], section: str):
-    names = {f.name for f in dataclasses.fields(klass)}
-    bad = set(d) - names
-    if bad:
-        raise ValueError(f"unknown keys {sorted(bad)} in config section {section!r}; valid keys: {sorted(names)}")
-    return klass(**d)
-
-
 @dataclass
 class DiffusionConfig:
     """Training objective of the continuous path (DESIGN §4)."""
@@ -215,8 +236,10 @@ class DiffusionConfig:
     z_loss: float = 0.0  # PaLM/Chameleon z-loss on the LM logits (1e-5 when used)
 
     def __post_init__(self) -> None:
+        _at_least(self, 0, "loss_weight", "z_loss", integer=False)
+        check_number("max_t_when_conditioning", self.max_t_when_conditioning, low=0, high=1, error=ConfigError)
         if self.objective not in ("eps", "v", "flow"):
-            raise ValueError(f"diffusion objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
+            raise ConfigError(f"diffusion objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
 
 
 @dataclass
@@ -229,19 +252,27 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        parts = {"backbone": BackboneConfig, "image": ImageConfig, "diffusion": DiffusionConfig}
-        unknown = set(d) - set(parts)
-        if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
-        return cls(**{name: _from_dict(klass, dict(d.get(name, {})), name) for name, klass in parts.items()})
+    def from_dict(cls, d: Any) -> ModelConfig:
+        """The config of a `config.json` dict; a missing section or field takes its default.
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type or out of range, named by its dotted
+                path (e.g. "backbone.num_hidden_layers = 4.0 (float): must be an integer").
+        """
+        return build(cls, d)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The config in the JSON file `path`; raises ModelFileError naming the file and the field."""
+        from mmgen.files import read_json_object  # here, not at the top: importing mmgen.config needs no torch
+
+        try:
+            return cls.from_dict(read_json_object(path))
+        except ConfigError as e:
+            raise ModelFileError(f"{path}: {e}") from None
 
 
 def tiny(image: ImageConfig | None = None) -> ModelConfig:

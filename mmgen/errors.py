@@ -58,6 +58,13 @@ class TrainingError(MMGenError, RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says what to try."""
 
 
+def _bound(x: float | None, default: str) -> str:
+    """A range bound as written in messages: integers in full (4294967295, not 4.29497e+09)."""
+    if x is None:
+        return default
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, integer: bool = False,
                  error: type[MMGenError] = OptionError) -> None:
@@ -66,14 +73,19 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
     `low_open` / `high_open` exclude the bound itself. bool is not a number here. The message names
     `name`, the value and the allowed range, e.g. "top_p = 1.5: must be a number in (0, 1]"."""
     kind = "an integer" if integer else "a number"
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    allowed = f"must be {kind} in {left}{lo}, {hi}{right}"
+    allowed = (f"must be {kind} in {'(' if low_open else '['}{_bound(low, '-inf')}, "
+               f"{_bound(high, 'inf')}{')' if high_open else ']'}")
     numeric = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, numeric):
-        raise error(f"{name} = {value!r} ({type(value).__name__}): {allowed}")
-    if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
-            high is not None and (value >= high if high_open else value > high)):
+        raise error(f"{name} = {value!r:.80} ({type(value).__name__}): {allowed}")
+    if isinstance(value, float) and not math.isfinite(value):  # ints are exact: no float conversion (10**400)
         raise error(f"{name} = {value!r}: {allowed}")
+    if (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high)):
+        raise error(f"{name} = {value!r:.80}: {allowed}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...], error: type[MMGenError] = OptionError) -> None:
+    """Raise `error` unless `value` is one of `choices` (an instance of its type, and equal)."""
+    if not any(isinstance(value, type(c)) and value == c for c in choices):
+        raise error(f"{name} = {value!r:.80}: must be one of {', '.join(map(repr, choices))}")

@@ -4,28 +4,34 @@ Every write goes to a temporary file next to its target, is fsynced, renamed ove
 (`os.replace`), and the directory is fsynced: a crash leaves the old file or the new one, never
 half of one. A model directory (the model's or an image tokenizer's) holds `config.json` and
 `model.safetensors`, plus extra files such as `tokenizer.model`; `config.json` is written last,
-so a directory with a config is complete. This module imports no other mmgen module.
+so a directory with a config is complete; loading one checks every file before use and names the
+file and the fix in a `ModelFileError`. This module imports no other mmgen module but `mmgen.errors`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from safetensors.torch import save_file as _safetensors_save_file
 from safetensors.torch import save_model as _safetensors_save_model
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
+
+from mmgen.errors import ModelFileError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece text tokenizer next to a model's weights
+TOKENIZER_DIGEST = "tokenizer_sha256"  # weights-header key: the SHA-256 of the tokenizer saved with them
 
 
 # -- atomic writes ---------------------------------------------------------------------------------
@@ -105,13 +111,19 @@ def load_directory(directory: str | Path, build: Callable[[dict[str, Any]], nn.M
                    device: str | torch.device = "cpu", what: str = "mmgen model") -> nn.Module:
     """Rebuild a module saved by `save_directory`: `build(config dict)`, then its weights, in eval mode.
 
+    Every file is checked before use: config.json must be a UTF-8 JSON object that `build` accepts
+    without making more parameters than the weights file holds, model.safetensors a complete
+    safetensors file whose tensor names, shapes and kinds (float or not) are the module's, and whose
+    values are finite.
+
     Args:
-        build: makes the empty module from config.json's dict; its ValueError / TypeError is re-raised
-            naming config.json.
+        build: makes the empty module from config.json's dict; its ValueError (e.g. a `ConfigError`
+            naming the field) is re-raised as a ModelFileError naming config.json.
         what: how errors name the directory ("mmgen model", "mmgen image tokenizer").
     Raises:
         FileNotFoundError: the directory or one of its two files is missing (the message names it).
-        ValueError: config.json is malformed, or the weights do not fit the module it describes.
+        ModelFileError: a file is corrupt, malformed, or does not belong with the other (the message
+            names the file, the field or tensors, and the fix).
     """
     d = Path(directory)
     if not d.exists():
@@ -122,28 +134,173 @@ def load_directory(directory: str | Path, build: Callable[[dict[str, Any]], nn.M
     for path in (config, weights):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not a complete {what} directory")
-    try:
-        module = build(json.loads(config.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{config}: {e}") from None
-    check_weight_shapes(module, weights, config)
-    missing, unexpected = load_model(module, str(weights), strict=False, device=str(device))
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match {config}: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    raw = read_json_object(config)
+    header = read_weights_header(weights)
+    module = _build(build, raw, config, weights, header, what)
+    check_weights_fit(module, header, weights, config)
+    load_model(module, str(weights), strict=True, device=str(device))
+    check_finite(module, weights)
     return module.to(device).eval()
 
 
-def check_weight_shapes(module: nn.Module, weights: Path, config: Path) -> None:
-    """Raise a ValueError naming the first tensors whose shapes in `weights` differ from `module`'s."""
+class _TooLarge(Exception):
+    """Raised inside a module's constructor once it has made more parameter values than its file can hold."""
+
+
+def _build(build: Callable[[dict[str, Any]], nn.Module], raw: dict[str, Any], config: Path, weights: Path,
+           header: dict[str, tuple[str, tuple[int, ...]]], what: str) -> nn.Module:
+    """`build(raw)`, stopped once it has made over twice as many parameter values as `weights` holds plus 1e8,
+    so that a config.json describing a far larger model than its weights (a hostile layer count or width)
+    fails at once instead of allocating and initializing it; smaller mismatches reach `check_weights_fit`,
+    which lists the tensors."""
+    held = sum(math.prod(shape) for _, shape in header.values())
+    limit = 2 * held + 100_000_000
+    seen: set[int] = set()
+    made = 0
+
+    def count(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        nonlocal made
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            made += param.numel()
+            if made > limit:
+                raise _TooLarge
+
+    hook = register_module_parameter_registration_hook(count)
+    try:
+        return build(raw)
+    except _TooLarge:
+        raise ModelFileError(f"{config} describes a {what} larger than {weights} holds (over {made:,} parameter "
+                             f"values, the file has {held:,}): weights of another model, or an "
+                             "edited config? Use the config.json saved with these weights") from None
+    except ValueError as e:
+        raise ModelFileError(f"{config}: {e}") from None
+    except (RuntimeError, MemoryError, OverflowError) as e:  # sizes too large to allocate at all
+        raise ModelFileError(f"{config} describes a {what} that cannot be built here ({type(e).__name__}: "
+                             f"{str(e)[:200]}); check its sizes, or use the config.json saved with the "
+                             "weights") from None
+    finally:
+        hook.remove()
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the file `path`; a ModelFileError names the file if it is not UTF-8 text, not
+    JSON, or JSON but not an object (a list, a number)."""
+    path = Path(path)
+    fix = "fix the file, or copy the config.json that was saved with the model"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{path} is not UTF-8 text (byte {e.start} is invalid): not a JSON config; "
+                             f"{fix}") from None
+    if not text.strip():
+        raise ModelFileError(f"{path} is empty; {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        raise ModelFileError(f"{path} is not valid JSON: {e.msg} at {where}; {fix}") from None
+    except RecursionError:
+        raise ModelFileError(f"{path} is not a config: its JSON is nested too deeply; {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path} holds a JSON {type(data).__name__}, not an object of config fields; {fix}")
+    return data
+
+
+def read_weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype such as "F32", shape) of a safetensors file; a ModelFileError
+    says what the file is instead (empty, truncated, a pickle, JSON, random bytes)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+            return {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in slices.items()}
+    except SafetensorError as e:
+        raise ModelFileError(f"{path} {_not_safetensors(path, e)}; copy {path.name} again from where the model was "
+                             "saved (e.g. the training run's output directory), or save the model again") from None
+
+
+def read_weights_metadata(path: Path) -> dict[str, str]:
+    """The string pairs stored in a safetensors header (`save_directory`'s `metadata`); the same
+    ModelFileError as `read_weights_header` for a file that is not safetensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise ModelFileError(f"{path} {_not_safetensors(path, e)}; copy {path.name} again from where the model was "
+                             "saved (e.g. the training run's output directory), or save the model again") from None
+
+
+def _not_safetensors(path: Path, error: Exception) -> str:
+    """What a file that safetensors refuses is instead, as the rest of a sentence naming it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size == 0:
+        return "is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "is a pickle (a torch.save checkpoint?), not safetensors; mmgen never unpickles files"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "holds JSON text, not safetensors tensors"
+    promised = _promised_size(path)
+    if promised is not None and promised > size:
+        return f"is truncated: it holds {size} bytes, its header describes {promised} (an interrupted copy?)"
+    if promised is not None and promised < size:
+        return f"has {size - promised} bytes after its last tensor (a corrupted copy?)"
+    return f"is not a safetensors file ({error})"
+
+
+def _promised_size(path: Path) -> int | None:
+    """The file size a safetensors header at the start of `path` describes; None if there is no such header."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            text = f.read(n) if 2 <= n <= 100_000_000 else b""
+        if not text.startswith(b"{"):
+            return None
+        if len(text) < n:
+            return 8 + n  # the header itself is cut off
+        ends = [v["data_offsets"][1] for k, v in json.loads(text).items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def check_weights_fit(module: nn.Module, header: dict[str, tuple[str, tuple[int, ...]]], weights: Path,
+                      config: Path) -> None:
+    """Raise a ModelFileError listing the first tensors of `weights` (its `header`) that do not fit `module`:
+    shapes or kinds that differ, names missing from the file, names the module does not have."""
     expected = module.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in expected}
-    wrong = [f"{k}: file {s} vs config {tuple(expected[k].shape)}" for k, s in shapes.items()
-             if s != tuple(expected[k].shape)]
-    if wrong:
-        raise ValueError(f"{weights} does not match {config} (was config.json edited or copied from another "
-                         f"model?): {'; '.join(wrong[:3])}")
+    ptr = {k: t.data_ptr() if t.numel() else id(t) for k, t in expected.items()}
+    stored = {ptr[k] for k in header if k in ptr}  # tied weights (lm_head = embed_tokens) are stored once
+    missing = [k for k in expected if k not in header and ptr[k] not in stored]
+    unexpected = [k for k in header if k not in expected]
+    wrong = []
+    for k, t in expected.items():  # in the module's order: the embedding first, then layer by layer
+        dtype, shape = header.get(k, (None, None))
+        if shape is not None and shape != tuple(t.shape):
+            wrong.append(f"{k}: file {shape} vs config {tuple(t.shape)}")
+        elif dtype is not None and t.is_floating_point() != dtype.startswith(("F", "BF")):
+            wrong.append(f"{k}: file dtype {dtype} vs config {t.dtype}")
+    parts = ([f"tensors differ: {_first(wrong, 3, '; ')}"] if wrong else []) + (
+        [f"missing from the file: {_first(missing, 5)}"] if missing else []) + (
+        [f"not in the model: {_first(unexpected, 5)}"] if unexpected else [])
+    if parts:
+        raise ModelFileError(f"{weights} does not match {config} (weights of another model, or an edited config?): "
+                             f"{'; '.join(parts)}. Use the config.json saved with these weights, or the weights "
+                             "saved with this config")
+
+
+def check_finite(module: nn.Module, weights: Path) -> None:
+    """Raise a ModelFileError naming the first tensors loaded from `weights` that hold NaN or infinite values."""
+    bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelFileError(f"{weights} holds NaN or infinite values in {_first(bad, 3)}: the file is corrupt, or "
+                             "was saved from a training run that diverged; use an earlier checkpoint")
+
+
+def _first(items: list[str], n: int, sep: str = ", ") -> str:
+    """The first `n` of `items` joined by `sep`, with the total when some are left out."""
+    return sep.join(items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
 
 
 # -- images ----------------------------------------------------------------------------------------

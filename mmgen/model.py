@@ -10,6 +10,7 @@ Shapes: B batch, T tokens, D hidden, N images in the batch, L tokens per image, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from mmgen.backbone import AttentionContext, KVCache, LlamaModel
 from mmgen.config import ModelConfig
-from mmgen.files import TOKENIZER_FILE, load_directory, save_directory
+from mmgen.files import TOKENIZER_DIGEST, TOKENIZER_FILE, load_directory, save_directory
 from mmgen.interfaces.registry import build_interface
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
@@ -221,11 +222,17 @@ class MMGenModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """Write model.safetensors, `tokenizer.model` (when a text tokenizer is given: anything with
-        `model_proto` bytes), then config.json, each atomically."""
-        extra = {TOKENIZER_FILE: tokenizer.model_proto} if tokenizer is not None else {}
-        save_directory(directory, self.config.to_dict(), self, extra)
+        `model_proto` bytes), then config.json, each atomically. The weights' header records the
+        tokenizer's SHA-256 (`TOKENIZER_DIGEST`), so loading can tell that the two belong together."""
+        if tokenizer is None:
+            save_directory(directory, self.config.to_dict(), self)
+            return
+        save_directory(directory, self.config.to_dict(), self, {TOKENIZER_FILE: tokenizer.model_proto},
+                       metadata={TOKENIZER_DIGEST: hashlib.sha256(tokenizer.model_proto).hexdigest()})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MMGenModel:
-        """Rebuild a model saved by `save_pretrained`, in eval mode; errors name the missing or mismatched file."""
+        """Rebuild a model saved by `save_pretrained`, in eval mode. Every file is checked first: a missing one
+        raises FileNotFoundError; a config.json of wrong keys, types or values, or a model.safetensors that is
+        corrupt or of another model, raises ModelFileError naming the file, the field or tensors, and the fix."""
         return load_directory(directory, lambda raw: cls(ModelConfig.from_dict(raw)), device)

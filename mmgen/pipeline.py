@@ -4,15 +4,20 @@ caption images. The engine below works on ids only; this layer owns the tokenize
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from mmgen.chat_template import check_text
 from mmgen.data.images import ImageInput, load_image
+from mmgen.errors import InputError, ModelFileError
 from mmgen.events import Done, ImageStep
+from mmgen.files import CONFIG_FILE, TOKENIZER_DIGEST, TOKENIZER_FILE, WEIGHTS_FILE, read_weights_metadata
 from mmgen.generation import Engine, GenerationOptions
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
@@ -26,10 +31,48 @@ def to_pil(image: Tensor, scale: int = 1) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST) if scale > 1 else pil
 
 
+def _batch(items: Any, noun: str, method: str) -> list:
+    """`items` as a non-empty list; an InputError for nothing, or for a single item where a list belongs."""
+    single = isinstance(items, (str, bytes, Path, Image.Image)) or (isinstance(items, Tensor) and items.dim() != 4)
+    if single or not isinstance(items, Iterable):
+        raise InputError(f"Pipeline.{method} takes a list of {noun}s, got {type(items).__name__}; for one {noun}, "
+                         f"pass a list of it: Pipeline.{method}([{noun}])")
+    items = list(items)
+    if not items:
+        raise InputError(f"Pipeline.{method} got an empty list: give at least one {noun}")
+    return items
+
+
+def check_pair(directory: Path, tokenizer: TextTokenizer, vocab: int) -> None:
+    """Raise ModelFileError unless `tokenizer` is the one saved with the weights in `directory`: its
+    SHA-256 equals the one their header records; for weights saved without a record, its size equals
+    the model's `backbone.vocab_size`. Another model's tokenizer would turn prompts into other words."""
+    recorded = read_weights_metadata(directory / WEIGHTS_FILE).get(TOKENIZER_DIGEST)
+    fix = (f"copy the tokenizer.model saved with these weights (from the training run's output directory) into "
+           f"{directory}")
+    if recorded is not None and recorded != hashlib.sha256(tokenizer.model_proto).hexdigest():
+        raise ModelFileError(f"{directory / TOKENIZER_FILE} is not the tokenizer {directory / WEIGHTS_FILE} was "
+                             f"saved with (their SHA-256 differ; it has {len(tokenizer)} pieces, the model's "
+                             f"vocabulary {vocab}); {fix}")
+    if recorded is None and len(tokenizer) != vocab:
+        raise ModelFileError(f"{directory / TOKENIZER_FILE} has {len(tokenizer)} pieces but {directory / CONFIG_FILE} "
+                             f"gives backbone.vocab_size = {vocab}: the tokenizer does not belong to this model; {fix}")
+
+
 class Pipeline:
-    """A model with its tokenizer: `draw` images from captions, `caption` images."""
+    """A model with its tokenizer: `draw` images from captions, `caption` images.
+
+    Raises:
+        ModelFileError: the tokenizer has more pieces than the model's vocabulary (`backbone.vocab_size`):
+            it is not the model's (its ids past the vocabulary have no embedding).
+    """
 
     def __init__(self, model: MMGenModel, tokenizer: TextTokenizer):
+        vocab = model.config.backbone.vocab_size
+        if len(tokenizer) > vocab:
+            raise ModelFileError(f"the text tokenizer has {len(tokenizer)} pieces but the model's vocabulary "
+                                 f"(backbone.vocab_size) has {vocab}: it is not this model's tokenizer; pair the "
+                                 "model with the tokenizer it was trained with")
         self.model, self.tokenizer = model.eval(), tokenizer
         c = model.config
         self.builder = SequenceBuilder(
@@ -40,7 +83,11 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-        return cls(MMGenModel.from_pretrained(directory, device), TextTokenizer.load(directory))
+        """The model and text tokenizer saved in `directory`, each file checked (see `MMGenModel.from_pretrained`,
+        `TextTokenizer.load`), and checked to belong together (`check_pair`)."""
+        model, tokenizer = MMGenModel.from_pretrained(directory, device), TextTokenizer.load(directory)
+        check_pair(Path(directory), tokenizer, model.config.backbone.vocab_size)
+        return cls(model, tokenizer)
 
     def image(self, image: ImageInput) -> Tensor:
         """A path, PIL image, uint8 array (H, W[, C]) or float tensor (C, H, W) in [-1, 1] -> the model's
@@ -53,7 +100,11 @@ class Pipeline:
         self, prompts: Sequence[str], options: GenerationOptions | None = None, seed: int = 0,
         progress: Callable[[ImageStep], None] | None = None,
     ) -> list[Tensor]:
-        """One image (C, H, W) in [-1, 1] per prompt; `progress` sees each drawing step's `ImageStep` event."""
+        """One image (C, H, W) in [-1, 1] per prompt; `progress` sees each drawing step's `ImageStep` event.
+        An empty list, a single string instead of a list, or a prompt that is not valid text raises InputError."""
+        prompts = _batch(prompts, "prompt", "draw")
+        for i, p in enumerate(prompts):
+            check_text(p, f"prompt {i}")  # a str encodable as UTF-8, or an InputError naming it
         opts = dataclasses.replace(options or GenerationOptions(), max_new_tokens=1, max_images=1)
         for event in self.engine.stream([[p] for p in prompts], opts, seed=seed, force_image=True):
             if isinstance(event, ImageStep) and progress is not None:
@@ -61,8 +112,11 @@ class Pipeline:
             elif isinstance(event, Done):
                 return [row[0] for row in event.outputs]
 
-    def caption(self, images: Sequence[ImageInput], options: GenerationOptions | None = None, seed: int = 0) -> list[str]:
-        """A caption per image (greedy by default)."""
+    def caption(self, images: Sequence[ImageInput], options: GenerationOptions | None = None,
+                seed: int = 0) -> list[str]:
+        """A caption per image (greedy by default); an empty list, or a single image instead of a list (a
+        (N, C, H, W) tensor is a list of N images), raises InputError."""
+        images = _batch(images, "image", "caption")
         opts = dataclasses.replace(options or GenerationOptions(max_new_tokens=24, temperature=0), max_images=0)
         rows = self.engine.generate([[self.image(im)] for im in images], opts, seed=seed)
         return [" ".join(self.tokenizer.decode(s) for s in row if isinstance(s, list)).strip() for row in rows]

@@ -1,6 +1,7 @@
 """Sampling settings of a generation call, and the token sampler that text and codes share.
 
-`GenerationOptions` is the one flat set of options users pass (Python, CLI, chat). The text fields
+`GenerationOptions` is the one flat set of options users pass (Python, CLI, chat), each field checked
+against its documented range when it is made (at most MAX_STEPS denoising steps). The text fields
 belong to the engine; the image fields (`IMAGE_OPTIONS`) are handed to the image interface, which
 takes the subset it understands as its own typed dataclass (`ImageInterface.options`) and rejects
 the others when they are set, so no option is silently ignored.
@@ -15,28 +16,61 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mmgen.diffusion.guidance import Guidance
+from mmgen.diffusion.guidance import MAX_SCALE, Guidance
 from mmgen.diffusion.samplers import SAMPLERS
+from mmgen.diffusion.schedules import MAX_STEPS, check_schedule
+from mmgen.errors import OptionError, check_choice, check_number
 
 MAX_SEED = 2**32 - 1  # seeds are integers in [0, MAX_SEED]; row i of a batch uses seed + i
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # below: greedy up to rounding (give 0); above: uniform noise
+MIN_SHIFT, MAX_SHIFT = 0.01, 100.0  # flow shifts in use lie within 0.3-10
+NOISES = ("brownian", "iid")
 TEXT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "max_images")
+RANGES = {  # the plain numeric fields, as `check_number` bounds
+    "max_new_tokens": dict(low=1, integer=True),
+    "top_k": dict(low=0, integer=True),
+    "top_p": dict(low=0, high=1, low_open=True),
+    "min_p": dict(low=0, high=1, high_open=True),
+    "max_images": dict(low=0, integer=True),
+    "image_top_k": dict(low=0, integer=True),
+    "cache_threshold": dict(low=0),
+}
+
+
+def _check(name: str, value: object, alternative: str, **bounds) -> None:
+    """`check_number`, its message naming the `alternative` the field also takes."""
+    try:
+        check_number(name, value, **bounds)
+    except OptionError as e:
+        raise OptionError(f"{e}{alternative}") from None
+
+
+def _check_temperature(name: str, value: object) -> None:
+    """A temperature is 0 (greedy) or within [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+    check_number(name, value, low=0, high=MAX_TEMPERATURE)
+    if 0 < value < MIN_TEMPERATURE:
+        raise OptionError(f"{name} = {value!r}: must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
+                          f"{MAX_TEMPERATURE:g}]; below {MIN_TEMPERATURE:g} sampling is greedy up to rounding: give 0")
 
 
 @dataclass
 class GenerationOptions:
-    """Sampling settings.
+    """Sampling settings, each checked when the object is made: a value of the wrong type, not finite or
+    out of range raises OptionError naming the field, the value and the allowed range.
 
-    Text: temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off; `max_images` images per
-    row before <boi> is no longer allowed.
-    Images (each interface takes its share; see its `Options`): `sampler` (see SAMPLERS) walks
-    `schedule` ("uniform" in the model's time, "karras", or a list of σs) in `image_steps` steps
-    (None: the interface's default: 25 in the backbone, the MLP head's `steps` per token); `shift` is
-    the flow shift of "uniform" ("auto": from the token count); `eta` the noise of the stochastic
-    samplers (None: the sampler's default), drawn from a per-row Brownian tree or i.i.d. (`noise`);
-    `guidance` a CFG scale or a full `Guidance` (for codes: CFG on logits with its scale);
-    `cache_threshold` τ of First Block Cache (0 = off). Codes are sampled with `image_temperature`
-    and `image_top_k`; the MLP head scales its starting noise by `image_temperature` (MAR: 0.95
-    without CFG).
+    Text: `max_new_tokens` ≥ 1; `temperature` 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE];
+    `top_k` ≥ 0, `top_p` in (0, 1] and `min_p` in [0, 1), off at 0, 1 and 0; `max_images` ≥ 0 images
+    per row before <boi> is no longer allowed.
+    Images (each interface takes its share; see its `Options`): `sampler` (one of SAMPLERS) walks
+    `schedule` ("uniform" in the model's time, "karras", or a list of σs: see `check_schedule`) in
+    `image_steps` steps, 1 to MAX_STEPS (None: the interface's default: 25 in the backbone, the MLP
+    head's `steps` per token); `shift` in [MIN_SHIFT, MAX_SHIFT] is the flow shift of "uniform"
+    ("auto": from the token count); `eta` ≥ 0 the noise of the stochastic samplers (None: the
+    sampler's default), drawn from a per-row Brownian tree or i.i.d. (`noise`: one of NOISES);
+    `guidance` a CFG scale in [0, MAX_SCALE] or a full `Guidance` (for codes: CFG on logits with its
+    scale); `cache_threshold` τ ≥ 0 of First Block Cache (0 = off). Codes are sampled with
+    `image_temperature` (the range of `temperature`) and `image_top_k` ≥ 0; the MLP head scales its
+    starting noise by `image_temperature` (MAR: 0.95 without CFG).
     """
 
     max_new_tokens: int = 64
@@ -57,29 +91,32 @@ class GenerationOptions:
     cache_threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
-            raise ValueError(f"invalid sampling options: {self}")
-        if self.image_temperature < 0 or self.image_top_k < 0 or (self.image_steps is not None and self.image_steps < 1):
-            raise ValueError(f"invalid image sampling options: {self}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose from {sorted(SAMPLERS)}")
-        if isinstance(self.shift, str) and self.shift != "auto":
-            raise ValueError(f"shift must be a number or 'auto', got {self.shift!r}")
-        if self.noise not in ("brownian", "iid"):
-            raise ValueError(f"noise must be 'brownian' or 'iid', got {self.noise!r}")
-        if self.cache_threshold < 0:
-            raise ValueError(f"cache_threshold must be >= 0, got {self.cache_threshold}")
+        for name, bounds in RANGES.items():
+            check_number(name, getattr(self, name), **bounds)
+        for name in ("temperature", "image_temperature"):
+            _check_temperature(name, getattr(self, name))
+        if self.image_steps is not None:
+            _check("image_steps", self.image_steps, ", or None (the interface's default)", low=1, high=MAX_STEPS,
+                   integer=True)
+        check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        self.schedule = check_schedule(self.schedule)
+        if not (isinstance(self.shift, str) and self.shift == "auto"):
+            _check("shift", self.shift, ", or 'auto' (from the token count)", low=MIN_SHIFT, high=MAX_SHIFT)
+        if self.eta is not None:
+            _check("eta", self.eta, ", or None (the sampler's default)", low=0)
+        check_choice("noise", self.noise, NOISES)
         if not isinstance(self.guidance, Guidance):
+            _check("guidance", self.guidance, ", or a Guidance", low=0, high=MAX_SCALE)
             self.guidance = Guidance(scale=float(self.guidance))
 
     def image_options(self, options_class: type, interface: str):
         """This call's image options as `options_class` (a dataclass whose fields are a subset of the
-        image fields); raises ValueError naming every image option that is set but not in it."""
+        image fields); raises OptionError naming every image option that is set but not in it."""
         accepted = [f.name for f in dataclasses.fields(options_class)]
         stray = [n for n in IMAGE_OPTIONS if n not in accepted and getattr(self, n) != getattr(DEFAULTS, n)]
         if stray:
-            raise ValueError(f"option(s) {', '.join(stray)} do not apply to the {interface!r} image interface, which "
-                             f"takes {', '.join(accepted)}; leave the others at their defaults")
+            raise OptionError(f"option(s) {', '.join(stray)} do not apply to the {interface!r} image interface, which "
+                              f"takes {', '.join(accepted)}; leave the others at their defaults")
         return options_class(**{n: getattr(self, n) for n in accepted})
 
 

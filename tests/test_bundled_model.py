@@ -11,8 +11,8 @@ from mmgen.assets import DEFAULT_MODEL
 from mmgen.chat import Chat
 from mmgen.cli import main
 from mmgen.data.digits import DigitsDataset, parse_digit
-from mmgen.evaluation import DigitClassifier
 from mmgen.data.images import load_image
+from mmgen.evaluation import DigitClassifier
 from mmgen.pipeline import to_pil
 
 

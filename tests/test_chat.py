@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import digit, micro_config
 from PIL import Image
 
-from conftest import digit, micro_config
 from mmgen import events
 from mmgen.chat import Chat, Done, ImageDone, ImageStart, ImageStep, TextDelta
 from mmgen.chat_repl import run
-from mmgen.chat_template import ChatError, Message, parse_messages, render
+from mmgen.chat_template import Message, parse_messages, render
+from mmgen.errors import ChatError, OptionError
 from mmgen.model import MMGenModel
 from mmgen.pipeline import Pipeline
 
@@ -94,9 +95,9 @@ def test_bad_images_and_long_prompts_are_clear_errors(chat, tmp_path):
         chat([{"role": "user", "content": [np.zeros((8, 8), np.float64), "what?"]}])
     with pytest.raises(ChatError, match="tokens long"):
         chat([{"role": "user", "content": "digit " * 300}])
-    with pytest.raises(ChatError, match="draws 8×8"):
+    with pytest.raises(OptionError, match="draws 8×8"):
         chat([{"role": "user", "content": "a 3"}], size=64)
-    with pytest.raises(ChatError, match="unknown option"):
+    with pytest.raises(OptionError, match="unknown option"):
         chat([{"role": "user", "content": "a 3"}], temprature=0.5)
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import digit
+
 from mmgen.files import atomic_write, save_image_grid, write_json
 from mmgen.model import MMGenModel
 from mmgen.tokenizers.text import TextTokenizer

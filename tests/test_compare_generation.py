@@ -3,6 +3,7 @@ trainer on `digits-tiny`, saved, and measured on the images it actually drew."""
 
 import pytest
 import torch
+from train_helpers import MICRO_MODEL, restore_threads  # noqa: F401 (autouse fixture)
 
 from mmgen.cli import main
 from mmgen.compare_generation import compare_generation, parse_spec
@@ -15,7 +16,6 @@ from mmgen.metrics import frechet_wavelet_distance
 from mmgen.pipeline import Pipeline
 from mmgen.tokenizers.image import build_image_tokenizer
 from mmgen.train.tracking import read_log
-from train_helpers import MICRO_MODEL, restore_threads  # noqa: F401 (autouse fixture)
 
 # the micro backbone on 100 digits, so three runs and their measurements take seconds
 MICRO = {"model.backbone": MICRO_MODEL["backbone"], "data.sources.0.limit": 100, "train.batch_size": 16,
@@ -54,8 +54,9 @@ def test_rows_come_from_the_saved_runs_and_the_images_they_drew(tmp_path):
     assert (mar.width, mar.depth, mar.repeat) == (128, 2, 2)  # digits-tiny's small MLP head
 
 
-def test_bad_specs_fail_before_training(tmp_path):
+def test_bad_specs_fail_before_training(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="not an image tokenizer directory"):
         parse_spec(str(tmp_path / "missing"))
-    with pytest.raises(SystemExit, match="--data digits"):
+    with pytest.raises(SystemExit) as e:
         main(["compare-tokenizers", "pixels", "--data", "shapes", "--generation", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--data digits" in capsys.readouterr().err

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mmgen.config import ImageTokenizerConfig
-from mmgen.tokenizers.image import ImageTokens, build_image_tokenizer, load_image_tokenizer
 from mmgen.data.image_sets import load_images
 from mmgen.metrics import code_statistics
+from mmgen.tokenizers.image import ImageTokens, build_image_tokenizer, load_image_tokenizer
 from mmgen.train.tokenizer import train_image_tokenizer
 
 K = 32

@@ -11,8 +11,8 @@ from mmgen import events
 from mmgen.config import BackboneConfig, HeadConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
 from mmgen.diffusion.guidance import Guidance
 from mmgen.generation import Engine, GenerationOptions
-from mmgen.interfaces.registry import INTERFACES
 from mmgen.interfaces.base import ImageInterface
+from mmgen.interfaces.registry import INTERFACES
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
 from mmgen.tokenizers.image import ImageTokens, build_image_tokenizer

@@ -3,8 +3,8 @@ tests/test_train_loop.py)."""
 
 import torch
 import torch.nn.functional as F
-
 from conftest import digit
+
 from mmgen.sequence import IGNORE
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import digit
 from PIL import Image
 
-from conftest import digit
 from mmgen.cli import main
 from mmgen.data.images import load_image
 from mmgen.pipeline import Pipeline, to_pil
@@ -70,12 +70,14 @@ def test_cli_generate_and_caption(model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(paths[0] + "\t")
 
 
-def test_cli_errors_are_messages(model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="not a model directory"):
+def test_cli_errors_are_messages(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["generate", "x", "--model", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "not a model directory" in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"junk")
-    with pytest.raises(SystemExit, match="not a readable image"):
+    with pytest.raises(SystemExit) as e:
         main(["caption", str(tmp_path / "bad.png"), "--model", str(model_dir)])
+    assert e.value.code == 2 and "not a readable image" in capsys.readouterr().err
 
 
 def test_cli_train_runs_end_to_end(tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import digit
+
 from mmgen.sequence import IGNORE, attention_mask
 
 

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import yaml
+from train_helpers import REPO, subprocess_env
 
+from mmgen.errors import ConfigError
 from mmgen.train.config import DEFAULT_CONFIG, TrainConfig, help_text, load_config, named_configs, resolve_model
 from mmgen.train.entrypoint import main, parse_argv
-from mmgen.train.overrides import ConfigError, build, to_dict
-from train_helpers import REPO, subprocess_env
+from mmgen.train.overrides import build, to_dict
 
 
 def test_the_default_job_is_the_bundled_digits_config():

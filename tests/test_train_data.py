@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import patch_noise
 
-from mmgen.data.images import UnreadableImage, load_image
-from mmgen.data.source import DataError, UnreadableItem
+from mmgen.data.images import load_image
+from mmgen.data.source import UnreadableItem
 from mmgen.data.sources import build_source
+from mmgen.errors import DataError, UnreadableImage
 from mmgen.sequence import IGNORE, SequenceBuilder
 from mmgen.train.config import SourceConfig
 from mmgen.train.data import Mixture, StepBatches, TrainDataset, corpus
 from mmgen.train.packing import Packer, pack_rows
-from train_helpers import patch_noise
 
 
 def source(kind: str, **kw):

@@ -16,12 +16,12 @@ import torch
 from accelerate.utils import PrepareForLaunch, patch_environment
 from safetensors.torch import load_file, save_file
 from torch.multiprocessing import start_processes
+from train_helpers import micro_config, patch_noise, restore_threads  # noqa: F401 (autouse fixture)
 
 from mmgen.train.config import TrainConfig
 from mmgen.train.data import make_loader
 from mmgen.train.overrides import build
 from mmgen.train.trainer import Trainer
-from train_helpers import micro_config, patch_noise, restore_threads  # noqa: F401 (autouse fixture)
 
 # digits and plain text mixed, so the two processes hold different numbers of tokens and images
 MIXED = {"sources": [{"kind": "digits", "limit": 64}, {"kind": "text", "path": "PLACEHOLDER", "weight": 0.7}],

@@ -10,7 +10,9 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import micro_config, restore_threads  # noqa: F401 (autouse fixture)
 
+from mmgen.errors import TrainingError
 from mmgen.pipeline import Pipeline
 from mmgen.tokenizers.text import TextTokenizer
 from mmgen.train import text_tokenizer
@@ -19,8 +21,7 @@ from mmgen.train.entrypoint import main
 from mmgen.train.optim import EMA, lr_at, param_groups
 from mmgen.train.overrides import build
 from mmgen.train.tracking import read_log
-from mmgen.train.trainer import Trainer, TrainingError
-from train_helpers import micro_config, restore_threads  # noqa: F401 (autouse fixture)
+from mmgen.train.trainer import Trainer
 
 
 def image_folder(root, n=12):

@@ -12,14 +12,15 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from train_helpers import micro_config, restore_threads, run_train, subprocess_env, train_command  # noqa: F401
 
 import mmgen.train.state as state_module
-from mmgen.train.checkpoints import CheckpointError, CheckpointManager
+from mmgen.errors import CheckpointError
+from mmgen.train.checkpoints import CheckpointManager
 from mmgen.train.config import TrainConfig
 from mmgen.train.entrypoint import main
 from mmgen.train.overrides import build
 from mmgen.train.trainer import Trainer
-from train_helpers import micro_config, restore_threads, run_train, subprocess_env, train_command  # noqa: F401
 
 STEPS, EVERY = 24, 3
 

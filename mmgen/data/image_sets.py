@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmgen.data.images import UnreadableImage, load_image
+from mmgen.data.images import load_image
+from mmgen.errors import UnreadableImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SHAPES_SIZES = {"train": 20_000, "test": 1_000}

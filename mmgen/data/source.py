@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from mmgen.errors import DataError
 from mmgen.sequence import Sample
 
 

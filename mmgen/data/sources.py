@@ -23,10 +23,11 @@ from typing import Any
 
 from mmgen.data.dialogues import DialogueSource
 from mmgen.data.digits import DigitsDataset
-from mmgen.data.images import UnreadableImage, fit_tensor, load_image
+from mmgen.data.images import fit_tensor, load_image
 from mmgen.data.shapes import ShapesDataset
 from mmgen.data.shapes import caption as describe_shapes
-from mmgen.data.source import DataError, Source, UnreadableItem
+from mmgen.data.source import Source, UnreadableItem
+from mmgen.errors import DataError, UnreadableImage
 from mmgen.sequence import Sample
 
 

@@ -10,18 +10,22 @@ Pinned conventions (all on D = predicted x0, per sample):
   mimic:    per sample and channel, clamp the centered result at max(quantile(|Ã|, p), max|T̃|) and
             rescale it to the range of the same guidance at the safe scale m; add the mean back.
   interval: guide only for σ_lo ≤ σ ≤ σ_hi; elsewhere D = D_c and the unconditional branch is skipped.
+Every field is checked when a `Guidance` is made (OptionError naming the field, value and range).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from mmgen.errors import OptionError, check_choice, check_number
+
 # (x, σ, with_uncond) -> (D_c, D_u or None): one batched model call for both branches.
 Branches = Callable[[Tensor, Tensor, bool], "tuple[Tensor, Tensor | None]"]
+MAX_SCALE = 100.0  # typical scales are 1-15; far beyond, D_c − D_u times w overflows half precision
 
 
 @dataclass
@@ -29,16 +33,17 @@ class Guidance:
     """How the conditional and unconditional predictions are combined.
 
     Args:
-        scale: w; 1 turns guidance off (and the unconditional branch with it).
+        scale: w in [0, MAX_SCALE]; 1 turns guidance off (and the unconditional branch with it), 0 is
+            the unconditional prediction.
         kind: "cfg" or "apg".
-        eta: APG weight η of the component of Δ parallel to D_c.
-        norm_threshold: APG norm cap r (0 = none).
-        momentum: APG momentum β (0 = none; the paper uses −0.5 to −0.75).
-        rescale: CFG-rescale φ (0 = off).
+        eta: APG weight η in [0, 1] of the component of Δ parallel to D_c (1: as CFG).
+        norm_threshold: APG norm cap r ≥ 0 (0 = none).
+        momentum: APG momentum β in (−1, 1) (0 = none; the paper uses −0.5 to −0.75).
+        rescale: CFG-rescale φ in [0, 1] (0 = off).
         threshold: None, "imagen" (pixel space) or "mimic" (latents, per channel).
-        percentile: p of dynamic thresholding.
-        mimic_scale: m, the safe reference scale of "mimic".
-        interval: (σ_lo, σ_hi) where guidance applies, or None for everywhere.
+        percentile: p in (0, 1] of dynamic thresholding.
+        mimic_scale: m in [0, MAX_SCALE], the safe reference scale of "mimic".
+        interval: (σ_lo, σ_hi) with 0 ≤ σ_lo < σ_hi, finite, where guidance applies; None: everywhere.
     """
 
     scale: float = 3.0
@@ -53,12 +58,17 @@ class Guidance:
     interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("cfg", "apg"):
-            raise ValueError(f"guidance kind must be 'cfg' or 'apg', got {self.kind!r}")
-        if self.threshold not in (None, "imagen", "mimic"):
-            raise ValueError(f"threshold must be None, 'imagen' or 'mimic', got {self.threshold!r}")
-        if not 0 < self.percentile <= 1:
-            raise ValueError(f"percentile must be in (0, 1], got {self.percentile}")
+        check_number("guidance scale", self.scale, low=0, high=MAX_SCALE)
+        check_choice("guidance kind", self.kind, ("cfg", "apg"))
+        check_number("guidance eta", self.eta, low=0, high=1)
+        check_number("guidance norm_threshold", self.norm_threshold, low=0)
+        check_number("guidance momentum", self.momentum, low=-1, high=1, low_open=True, high_open=True)
+        check_number("guidance rescale", self.rescale, low=0, high=1)
+        check_choice("guidance threshold", self.threshold, (None, "imagen", "mimic"))
+        check_number("guidance percentile", self.percentile, low=0, high=1, low_open=True)
+        check_number("guidance mimic_scale", self.mimic_scale, low=0, high=MAX_SCALE)
+        if self.interval is not None:
+            self.interval = check_interval(self.interval)
 
     def active(self, sigma: Tensor | float) -> bool:
         """Whether this step is guided (and so needs the unconditional branch)."""
@@ -115,6 +125,19 @@ class Guidance:
         dims = tuple(range(1, out.dim()))
         rescaled = out * cond.std(dims, keepdim=True) / out.std(dims, keepdim=True).clamp_min(1e-12)
         return self.rescale * rescaled + (1 - self.rescale) * out
+
+
+def check_interval(interval: Any) -> tuple[float, float]:
+    """(σ_lo, σ_hi) as floats; raises OptionError unless they are two finite σs with 0 ≤ σ_lo < σ_hi."""
+    rule = "must be None (guide at every step) or two finite sigmas (lo, hi) with 0 <= lo < hi, e.g. (0.3, 5.0)"
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        raise OptionError(f"guidance interval = {interval!r:.80}: {rule}")
+    for name, sigma in zip(("lo", "hi"), interval):
+        check_number(f"guidance interval {name}", sigma, low=0)
+    lo, hi = float(interval[0]), float(interval[1])
+    if lo >= hi:
+        raise OptionError(f"guidance interval = {interval!r}: {rule}")
+    return lo, hi
 
 
 def imagen_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:

@@ -96,7 +96,7 @@ class ImageInterface(nn.Module, ABC):
         """Raise ValueError, naming the field and the fix, if this interface cannot use `image`."""
 
     def options(self, options: GenerationOptions) -> Any:
-        """This interface's `Options` from a call's options; raises ValueError for a set option it does not take."""
+        """This interface's `Options` from a call's options; raises OptionError for a set option it does not take."""
         return options.image_options(self.Options, self.name)
 
     def init_weights(self) -> None:

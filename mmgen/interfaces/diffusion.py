@@ -24,6 +24,7 @@ from mmgen.diffusion.objective import Objective
 from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
 from mmgen.diffusion.schedules import make_sigmas, resolution_shift
 from mmgen.diffusion.step_cache import FirstBlockCache
+from mmgen.errors import OptionError
 from mmgen.events import ImageStep, relay
 from mmgen.heads.timestep import timestep_features
 from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface, require_tokenizer
@@ -69,7 +70,7 @@ class DiffusionInterface(ImageInterface):
     def options(self, options: GenerationOptions) -> DiffusionOptions:
         o = super().options(options)
         if o.sampler not in STOCHASTIC and (o.eta is not None or o.noise != "brownian"):
-            raise ValueError(f"eta and noise apply to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}); "
+            raise OptionError(f"eta and noise apply to the stochastic samplers ({', '.join(sorted(STOCHASTIC))}); "
                              f"{o.sampler!r} is deterministic: drop them or choose one of those")
         return o
 

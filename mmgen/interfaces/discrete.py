@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mmgen.config import ImageConfig, ModelConfig
 from mmgen.diffusion.guidance import Guidance
+from mmgen.errors import OptionError
 from mmgen.interfaces.base import DrawRequest, require_tokenizer
 from mmgen.interfaces.causal import CausalInterface
 from mmgen.sampling import GenerationOptions, sample_token
@@ -52,7 +53,7 @@ class DiscreteInterface(CausalInterface):
     def options(self, options: GenerationOptions) -> CodeOptions:
         o = super().options(options)
         if o.guidance != Guidance(scale=o.guidance.scale):
-            raise ValueError(f"the {self.name!r} interface guides code logits by classifier-free guidance with its "
+            raise OptionError(f"the {self.name!r} interface guides code logits by classifier-free guidance with its "
                              "scale only; APG, rescale, thresholding and intervals act on denoised images: "
                              "give guidance as a number")
         return o

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mmgen.config import ImageTokenizerConfig
+from mmgen.config_check import build
 from mmgen.files import load_directory, save_directory
 
 
@@ -114,16 +115,14 @@ def build_image_tokenizer(config: ImageTokenizerConfig) -> ImageTokenizer:
 
 
 def config_from_dict(raw: dict[str, Any]) -> ImageTokenizerConfig:
-    """An `ImageTokenizerConfig` from a config.json dict; unknown keys raise a ValueError listing the valid ones."""
-    names = {f.name for f in dataclasses.fields(ImageTokenizerConfig)}
-    if set(raw) - names:
-        raise ValueError(f"unknown keys {sorted(set(raw) - names)}; valid keys: {sorted(names)}")
-    return ImageTokenizerConfig(**raw)
+    """An `ImageTokenizerConfig` from a config.json dict, every key and value type checked (see
+    `mmgen.config_check`); raises a ConfigError naming the field (and the nearest valid key for a typo)."""
+    return build(ImageTokenizerConfig, raw)
 
 
 def load_image_tokenizer(directory: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
-    """Load a tokenizer saved by `ImageTokenizer.save_pretrained`, in eval mode; errors name the missing
-    or bad file (see `mmgen.files.load_directory`)."""
+    """Load a tokenizer saved by `ImageTokenizer.save_pretrained`, in eval mode; every file is checked first:
+    FileNotFoundError for a missing one, ModelFileError naming the bad file (see `mmgen.files.load_directory`)."""
     return load_directory(directory, lambda raw: build_image_tokenizer(config_from_dict(raw)), device,
                           what="mmgen image tokenizer")
 

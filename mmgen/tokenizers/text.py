@@ -8,29 +8,44 @@ gets ordinary pieces. Byte fallback means no text is ever <unk>.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 
 from mmgen.config import CONTROL_TOKENS
+from mmgen.errors import ModelFileError
 from mmgen.files import TOKENIZER_FILE, atomic_write
 
 
 class TextTokenizer:
-    """A SentencePiece model plus the special ids mmgen needs."""
+    """A SentencePiece model plus the special ids mmgen needs.
 
-    def __init__(self, model_proto: bytes):
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    Args:
+        model_proto: the bytes of a `tokenizer.model` trained by `TextTokenizer.train`.
+        source: how errors name where the bytes came from (`load` gives the file's path).
+    Raises:
+        ModelFileError: the bytes are empty, not a SentencePiece model, or one not trained by mmgen
+            (a control token missing, or other ids for <pad> <unk> <s> </s>).
+    """
+
+    def __init__(self, model_proto: bytes, source: str = "the SentencePiece model"):
+        fix = "use the tokenizer.model saved with the model, or train one with `mmgen train-text-tokenizer`"
+        if not model_proto:
+            raise ModelFileError(f"{source} is empty (0 bytes); {fix}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:
+            raise ModelFileError(f"{source} is not a SentencePiece model (corrupt or truncated?); {fix}") from None
         self.model_proto = model_proto
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
         ids = {tok: self.sp.piece_to_id(tok) for tok in CONTROL_TOKENS}
         missing = [tok for tok, i in ids.items() if i == self.unk_id or not self.sp.is_control(i)]
-        if missing or self.sp.id_to_piece(self.bos_id) != "<s>" or self.sp.pad_id() != self.pad_id:
-            raise ValueError(
-                f"this SentencePiece model was not trained by mmgen (missing control tokens {missing} or "
-                "unexpected special ids); train one with TextTokenizer.train"
-            )
+        specials = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        wrong = ([f"it lacks the control tokens {missing}"] if missing else []) + (
+            [f"its ids of <pad> <unk> <s> </s> are {specials}, not (0, 1, 2, 3)"] if specials != (0, 1, 2, 3) else [])
+        if wrong:
+            raise ModelFileError(f"{source} was not trained by mmgen: {' and '.join(wrong)}; {fix}")
         self.boi_id, self.eoi_id = ids["<boi>"], ids["<eoi>"]
         self.user_id, self.assistant_id, self.end_id = ids["<|user|>"], ids["<|assistant|>"], ids["<|end|>"]
         self.special_ids = frozenset([self.pad_id, self.bos_id, self.eos_id, *ids.values()])
@@ -79,8 +94,10 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> TextTokenizer:
-        """The tokenizer saved in `directory`/tokenizer.model; raises FileNotFoundError naming it if absent."""
+        """The tokenizer saved in `directory`/tokenizer.model; raises FileNotFoundError naming the file if it is
+        absent, ModelFileError naming it if it is empty, corrupt or not an mmgen tokenizer."""
         path = Path(directory, TOKENIZER_FILE)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the model directory has no text tokenizer")
-        return cls(path.read_bytes())
+            raise FileNotFoundError(f"{path} not found: the model directory has no text tokenizer; copy the "
+                                    "tokenizer.model saved with the model into it")
+        return cls(path.read_bytes(), source=str(path))

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mmgen.config import PRESETS, BackboneConfig, DiffusionConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
-from mmgen.train.overrides import ConfigError, build, convert, describe, load_file, opt, set_dotted, suggest, to_dict
+from mmgen.errors import ConfigError
+from mmgen.train.overrides import build, convert, describe, load_file, opt, set_dotted, suggest, to_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "digits-tiny"
@@ -46,7 +47,7 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
-            raise ConfigError(f"unknown source kind {self.kind!r}{suggest(self.kind, list(SOURCE_KINDS))}")
+            raise ConfigError(f"unknown source kind {self.kind!r}{suggest(self.kind, list(SOURCE_KINDS), what='kind')}")
         if self.kind not in ("digits", "shapes", "dialogues") and not self.path:
             raise ConfigError(f"a {self.kind!r} source needs a path")
         if self.weight <= 0:
@@ -91,7 +92,8 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ConfigError(f"unknown model preset {self.preset!r}{suggest(self.preset, list(PRESETS))}")
+            raise ConfigError(f"unknown model preset {self.preset!r}"
+                              f"{suggest(self.preset, list(PRESETS), what='preset')}")
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmgen.chat_template import Message, render
-from mmgen.data.source import DataError, Source, UnreadableItem
+from mmgen.data.source import Source, UnreadableItem
+from mmgen.errors import DataError
 from mmgen.sequence import SequenceBuilder
 from mmgen.train.packing import Item, Packer
 

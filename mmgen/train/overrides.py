@@ -2,9 +2,9 @@
 
 `build(klass, data)` maps nested dicts onto dataclasses, converting and checking every value
 against the field's type hint (a YAML `1e-3` or a command-line "3e-4" becomes a float); an unknown
-key is a `ConfigError` that names the closest valid key. Dotted overrides (`optim.lr=3e-4`,
-`data.sources.0.path=...`) are applied to the raw dict first, so a file and the command line go
-through one validation. `describe(klass)` renders `--help` from each field's `help` metadata.
+key is a `ConfigError` that names the closest valid key(s) (`steps`: "did you mean 'train.steps'?").
+Dotted overrides (`optim.lr=3e-4`, `data.sources.0.path=...`) are applied to the raw dict first, so
+a file and the command line go through one validation. `describe(klass)` renders `--help` from each field's `help` metadata.
 """
 
 from __future__ import annotations
@@ -32,9 +32,34 @@ def opt(default: Any, help: str, **metadata: Any) -> Any:
     return dataclasses.field(default=default, metadata=meta)
 
 
-def suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+def closest(word: str, candidates: list[str], cutoff: float = 0.6) -> list[str]:
+    """The candidates nearest to `word` (difflib's ratio ≥ cutoff): the best one and any as good, at most 3."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
+    return [c for r, c in scored if r >= cutoff and r >= scored[0][0] - 0.02][:3]
+
+
+def suggest(key: str, valid: list[str], deeper: list[str] = (), what: str = "key") -> str:
+    """The end of an "unknown `what`" message: "; did you mean 'x'?" naming the closest of `valid` (the
+    keys at this level), else of `deeper` (dotted keys below it, matched on their last part), else the
+    list of `valid` (for keys, with a pointer to `mmgen train --help`)."""
+    close = closest(key, valid)
+    if not close and deeper:
+        close = [d for d in deeper if d.rsplit(".", 1)[-1] in closest(key, [d.rsplit(".", 1)[-1] for d in deeper],
+                                                                        cutoff=0.8)][:3]
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    if what == "key":
+        return f"; no {what} is close: the keys here are {', '.join(sorted(valid))} (`mmgen train --help` lists all)"
+    return f"; no {what} is close: choose from {', '.join(sorted(valid))}"
+
+
+def dotted_keys(klass: type, prefix: str = "") -> list[str]:
+    """Every key below dataclass `klass` as "section.key" (sections recursed into; lists of sections not)."""
+    hints, out = get_type_hints(klass), []
+    for f in dataclasses.fields(klass):
+        tp = hints[f.name]
+        out += dotted_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    return out
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -174,7 +199,8 @@ def build(klass: type, data: dict[str, Any], where: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(klass) if f.init}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown config key '{where}{key}'{suggest(str(key), list(fields))}")
+            deeper = [k for k in dotted_keys(klass) if "." in k]
+            raise ConfigError(f"unknown config key '{where}{key}'{suggest(str(key), list(fields), deeper)}")
     kwargs = {k: convert(v, hints[k], f"{where}{k}") for k, v in data.items()}
     try:
         return klass(**kwargs)

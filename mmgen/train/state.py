@@ -4,17 +4,21 @@
                       tokenizer and `trainer.json` (last), committed atomically by `CheckpointManager`
     restore           the inverse, with the checks that keep a resume exact (same global batch, model)
     export            `save_pretrained` into OUT with the EMA weights (under FSDP: the gathered ones)
-Every file is written atomically (`mmgen.files`); nothing is pickled.
+Every file is written atomically (`mmgen.files`); nothing is pickled. A write that fails (a full
+disk) leaves no temporary file or directory and raises `OutputError` naming what is still intact.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mmgen.errors import CheckpointError, OutputError
 from mmgen.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save_file, save_model, write_json
-from mmgen.train.checkpoints import STATE, CheckpointError, CheckpointManager, capture_rng, read_tensors, restore_rng
+from mmgen.outputs import disk_full, output_error
+from mmgen.train.checkpoints import STATE, CheckpointManager, capture_rng, read_tensors, restore_rng
 from mmgen.train.optim import load_optimizer_state, optimizer_state
 from mmgen.train.overrides import to_dict
 
@@ -54,12 +58,38 @@ class Run(Protocol):
 
 
 def save_checkpoint(t: Run) -> Path:
-    """Write the checkpoint of step `t.step` (every process must call this); returns its directory."""
-    acc = t.acc
-    if t.main:
-        t.ckpts.begin(t.step)
+    """Write the checkpoint of step `t.step` (every process must call this); returns its directory.
+
+    An OSError while writing (a full disk) removes the temporary directory and raises `OutputError`
+    naming the previous checkpoint, which stays intact and resumable."""
+    acc, tmp = t.acc, t.ckpts.tmp_dir(t.step)
+    try:
+        if t.main:
+            t.ckpts.begin(t.step)
+        acc.wait_for_everyone()
+        _write_checkpoint(t, tmp)
+        acc.wait_for_everyone()
+        final = t.ckpts.commit(t.step) if t.main else t.ckpts.root
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(t, e, f"checkpoint step {t.step} to {t.ckpts.root}") from None
     acc.wait_for_everyone()
-    tmp = t.ckpts.tmp_dir(t.step)
+    return final
+
+
+def write_error(t: Run, e: OSError, what: str) -> OutputError:
+    """`e`, met while writing `what`, as an OutputError that names the checkpoint still intact (the
+    newest complete one) and how to go on from it."""
+    if isinstance(e, OutputError):
+        return e
+    latest, action = t.ckpts.latest(), "free space" if disk_full(e) else "fix that"
+    fix = (f"the previous checkpoint {latest} is intact: {action} and resume with --resume" if latest else
+           f"no checkpoint of this run is complete yet: {action} and run again, or choose another --out")
+    return output_error(e, what, "--out", fix)
+
+
+def _write_checkpoint(t: Run, tmp: Path) -> None:
+    """Every file of the checkpoint into `tmp`; `trainer.json` last (it marks the directory complete)."""
     rng, rng_meta = capture_rng(t.noise)
     save_file(rng, tmp / f"rng_{t.rank}.safetensors", rng_meta)
     save_weights(t, tmp / WEIGHTS_FILE)
@@ -74,10 +104,6 @@ def save_checkpoint(t: Run) -> Path:
         write_json(tmp / "train_config.json", to_dict(t.cfg))
         atomic_write(tmp / TOKENIZER_FILE, t.tokenizer.model_proto)
         write_json(tmp / STATE, trainer_state(t))  # last: marks the directory complete
-    acc.wait_for_everyone()
-    final = t.ckpts.commit(t.step) if t.main else t.ckpts.root
-    acc.wait_for_everyone()
-    return final
 
 
 def trainer_state(t: Run) -> dict:
@@ -135,16 +161,20 @@ def _restore_ema(t: Run, d: Path) -> None:
 
 def export(t: Run) -> None:
     """`save_pretrained` into OUT with the EMA weights (the raw ones stay in the last checkpoint); every
-    process must call this."""
-    if t.sharded:  # the gathered weights, written like save_pretrained does (config.json last)
-        save_weights(t, t.out / WEIGHTS_FILE)
-        if t.main:
-            atomic_write(t.out / TOKENIZER_FILE, t.tokenizer.model_proto)
-            write_json(t.out / CONFIG_FILE, t.model.config.to_dict())
-    elif t.main:
-        if t.ema is not None:
-            t.ema.copy_to(t.model)
-        t.model.save_pretrained(t.out, t.tokenizer)
+    process must call this. An OSError while writing (a full disk) raises `OutputError`: the last
+    checkpoint is intact, and resuming from it (at the last step) exports again."""
+    try:
+        if t.sharded:  # the gathered weights, written like save_pretrained does (config.json last)
+            save_weights(t, t.out / WEIGHTS_FILE)
+            if t.main:
+                atomic_write(t.out / TOKENIZER_FILE, t.tokenizer.model_proto)
+                write_json(t.out / CONFIG_FILE, t.model.config.to_dict())
+        elif t.main:
+            if t.ema is not None:
+                t.ema.copy_to(t.model)
+            t.model.save_pretrained(t.out, t.tokenizer)
+    except OSError as e:
+        raise write_error(t, e, f"the final model to {t.out}") from None
     t.acc.wait_for_everyone()
 
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmgen.data.source import DataError, Source
+from mmgen.data.source import Source
+from mmgen.errors import ConfigError, DataError
 from mmgen.files import TOKENIZER_FILE, atomic_write
 from mmgen.tokenizers.text import TextTokenizer
 from mmgen.train.data import corpus
-from mmgen.train.overrides import ConfigError
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
@@ -96,8 +95,11 @@ def run_tokenizer(section, sources: list[Source], out: Path, resume_dir: Path | 
     return TextTokenizer.load(out)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train and save the tokenizer; returns the output directory."""
+def main(argv: list[str] | None = None, debug: bool = False) -> Path:
+    """Train and save the tokenizer; returns the output directory. Errors print one paragraph and exit
+    with status 2 (`mmgen.outputs.exit_on_error`); `debug` or `--debug` keeps their traceback."""
+    from mmgen.outputs import exit_on_error
+
     p = argparse.ArgumentParser(prog="mmgen train-text-tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", nargs="+", help=".txt / .jsonl files, folders of them, or a training config")
@@ -105,19 +107,17 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--vocab-size", type=int, default=4096, help="upper bound on pieces (small corpora give fewer)")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--max-texts", type=int, default=1_000_000, help="texts used at most")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also MMGEN_DEBUG=1)")
     args = p.parse_args(argv)
-    try:
-        texts = corpus_texts(args.corpus, args.max_texts)
-        tok = TextTokenizer.train(texts, vocab_size=args.vocab_size, model_type=args.model_type)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return exit_on_error(lambda: _train(args), debug or args.debug)
+
+
+def _train(args: argparse.Namespace) -> Path:
+    from mmgen.outputs import check_output_dir
+
+    out = check_output_dir(args.out, "--out")
+    texts = corpus_texts(args.corpus, args.max_texts)
+    tok = TextTokenizer.train(texts, vocab_size=args.vocab_size, model_type=args.model_type)
     tok.save(out)
     print(f"{out / TOKENIZER_FILE}: {len(tok)} pieces from {len(texts)} texts; train with --tokenizer.path={out}")
     return out
-
-
-if __name__ == "__main__":
-    main()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mmgen.config import ImageTokenizerConfig
+from mmgen.errors import ConfigError, DataError
 from mmgen.files import atomic_write, save_image_grid, write_json
 from mmgen.metrics import code_statistics_of, psnr
 from mmgen.tokenizers.image import ImageTokenizer, build_image_tokenizer, reconstruct
@@ -42,6 +43,26 @@ WEIGHT_DECAY = 1e-4
 def source_defaults(source: str) -> dict:
     """Defaults for "digits", "shapes", or an image folder (any other string)."""
     return dict(DATA_DEFAULTS[source if source in ("digits", "shapes") else "folder"])
+
+
+def source_images(source: str, split: str = "train", resolution: int | None = None, channels: int | None = None,
+                  limit: int | None = None) -> Tensor:
+    """`mmgen.data.image_sets.load_images`, its errors (a missing folder, no readable images, a resolution
+    the source cannot give) raised as `DataError` naming the source."""
+    from mmgen.data.image_sets import load_images
+
+    try:
+        return load_images(source, split, resolution, channels, limit=limit)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"--data {source}: {e}") from None
+
+
+def tokenizer_config(**fields) -> ImageTokenizerConfig:
+    """`ImageTokenizerConfig(**fields)`, a ValueError raised as `ConfigError` (the fields come from options)."""
+    try:
+        return ImageTokenizerConfig(**fields)
+    except ValueError as e:
+        raise ConfigError(f"image tokenizer: {e}") from None
 
 
 def conv_weights(name: str, p: nn.Parameter) -> bool:
@@ -125,10 +146,13 @@ def _step(tokenizer: ImageTokenizer, opt: torch.optim.Optimizer, batch: Tensor, 
 
 def _trainable(config: ImageTokenizerConfig, images: Tensor) -> ImageTokenizer:
     """A fresh tokenizer in training mode; raises if its kind is not trainable or `images` do not fit it."""
-    tokenizer = build_image_tokenizer(config)
-    tokenizer.check_images(images[:1])
+    try:
+        tokenizer = build_image_tokenizer(config)
+        tokenizer.check_images(images[:1])
+    except ValueError as e:
+        raise ConfigError(f"image tokenizer {config.kind!r}: {e}") from None
     if not hasattr(tokenizer, "calibrate") or type(tokenizer).loss is ImageTokenizer.loss:
-        raise ValueError(f"the {config.kind!r} image tokenizer is not trainable; train 'vae', 'vq' or 'hybrid'")
+        raise ConfigError(f"the {config.kind!r} image tokenizer is not trainable; train 'vae', 'vq' or 'hybrid'")
     return tokenizer.train()
 
 

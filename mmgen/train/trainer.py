@@ -28,18 +28,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmgen.data.sources import build_source
-from mmgen.errors import TrainingError
+from mmgen.errors import ConfigError, TrainingError
 from mmgen.files import WEIGHTS_FILE, atomic_write, write_json
 from mmgen.model import MMGenModel
+from mmgen.outputs import disk_full
 from mmgen.sequence import SequenceBuilder
 from mmgen.train.checkpoints import STATE, CheckpointManager, check_same_model, load_weights
 from mmgen.train.config import TrainConfig, resolve_model
 from mmgen.train.data import Mixture, StepBatches, TrainDataset, make_loader
 from mmgen.train.optim import EMA, lr_at, param_groups, trainable
-from mmgen.train.overrides import ConfigError, to_dict
+from mmgen.train.overrides import to_dict
 from mmgen.train.packing import PackedBatch, Packer
 from mmgen.train.samples import draw_grid
-from mmgen.train.state import export, restore, save_checkpoint
+from mmgen.train.state import export, restore, save_checkpoint, write_error
 from mmgen.train.text_tokenizer import run_tokenizer
 from mmgen.train.tracking import Tracker, summary
 
@@ -185,8 +186,26 @@ class Trainer:
                 "slots": g[6]}
 
     def fit(self) -> Path:
-        """Train from the current step to `train.steps`; checkpoint, log, sample; export; return OUT."""
+        """Train from the current step to `train.steps`; checkpoint, log, sample; export; return OUT.
+        A full disk raises `OutputError` naming the newest checkpoint, which is intact."""
         c, total, start = self.cfg, self.cfg.train.steps, self.step
+        try:
+            self._steps(start, total)
+        except OSError as e:  # a full disk while writing the config, logs or grids (checkpoints say so themselves)
+            if not disk_full(e):
+                raise
+            raise write_error(self, e, f"the run's files in {self.out}") from None
+        if start >= total and self.main:
+            print(f"{self.resume_dir} is already at step {total}: nothing to train; exporting")
+        export(self)
+        if c.eval.digits and self.main:
+            self.evaluate()
+        self.acc.wait_for_everyone()
+        return self.out
+
+    def _steps(self, start: int, total: int) -> None:
+        """The loop of `fit`: steps `start` to `total`, with logs, sample grids and checkpoints."""
+        c = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "train_config.yaml", yaml.safe_dump(to_dict(c), sort_keys=False))
@@ -217,13 +236,6 @@ class Trainer:
         finally:
             bar.close()
             tracker.close()
-        if start >= total and self.main:
-            print(f"{self.resume_dir} is already at step {total}: nothing to train; exporting")
-        export(self)
-        if c.eval.digits and self.main:
-            self.evaluate()
-        self.acc.wait_for_everyone()
-        return self.out
 
     def _row(self, window: list[tuple[dict, float]]) -> dict:
         n = len(window)
