@@ -82,6 +82,17 @@ class KVCache:
             self.doc_id[rows], self.image_id[rows], self.next_position[rows],
         )
 
+    def drop_empty(self) -> KVCache:
+        """This cache without the slots that are empty in every row (left behind by rows that left the
+        batch); attention depends on slot order and metadata only, so the rows' outputs do not change."""
+        used = (self.doc_id >= 0).any(0)  # (S,)
+        if bool(used.all()):
+            return self
+        return KVCache(
+            [k[:, :, used] for k in self.keys], [v[:, :, used] for v in self.values],
+            self.doc_id[:, used], self.image_id[:, used], self.next_position,
+        )
+
 
 def pad_and_stack(caches: list[KVCache]) -> KVCache:
     """Concatenate caches along the batch, right-padding shorter ones with empty (masked) slots."""

@@ -1,4 +1,4 @@
-"""`mmgen train | train-text-tokenizer | generate | caption | chat | train-tokenizer | compare-tokenizers`:
+"""`mmgen train | train-text-tokenizer | generate | caption | chat | serve | train-tokenizer | compare-tokenizers`:
 the command-line entry points.
 
 Outputs are checked before any work starts. A failure mmgen expects (its errors, a file that cannot be
@@ -20,6 +20,7 @@ from mmgen.errors import InputError, ModelFileError, OptionError
 from mmgen.files import CONFIG_FILE, atomic_write, save_image_grid
 from mmgen.outputs import check_output_dir, check_output_file, exit_on_error, output_error
 from mmgen.sampling import MAX_SEED
+from mmgen.serve.cli import add_serve_parser
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)") -> None:
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=integer(1), default=48)
     _sampling_args(p, temperature="text temperature (default 0 = greedy)")
     p.set_defaults(fn=cmd_chat)
+    add_serve_parser(sub)
     _add_image_tokenizer_commands(sub)
     return parser
 

@@ -6,7 +6,12 @@
                                         `denoised` (R, c, G, G) latents of the current clean estimate
                                         for interfaces that have one (diffusion), else None
     ImageDone(row, image)               the finished image (C, H, W) in [-1, 1]
+    RowDone(row, reason)                the row ended: "stop" (<eos> or a stop id), "length" (its token
+                                        limit or the context) or "cancelled" (its `Feed` said so)
     Done(outputs)                       per row, the generated segments (token-id lists and images)
+
+Rows are numbered in order of arrival: a call's prompts 0..B-1, then rows that join a running call
+(`mmgen.generation.Feed`) the next numbers.
 
 `mmgen.chat` maps them to the user-facing events (text deltas, PIL images).
 """
@@ -48,11 +53,17 @@ class ImageDone:
 
 
 @dataclass
+class RowDone:
+    row: int
+    reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass
 class Done:
     outputs: list[list]
 
 
-Event = Token | ImageStart | ImageStep | ImageDone | Done
+Event = Token | ImageStart | ImageStep | ImageDone | RowDone | Done
 
 
 def relay(steps: Generator[Any, None, R], convert: Callable[[Any], Any]) -> Generator[Any, None, R]:

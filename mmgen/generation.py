@@ -6,44 +6,91 @@ drawing rows to the model's image interface (`ImageInterface.draw`), whatever th
 A final clean pass writes the finished image into the cache, <eoi> follows and text continues.
 
 `Engine.stream` is a generator of `mmgen.events`; `Engine.generate` collects it. Leaving the
-iterator early stops the work at the next event.
+iterator early stops the work at the next event. Rows end on their own (<eos>, their token limit,
+the context), and a `Feed` can end rows and add new ones between decode steps (continuous
+batching, as `mmgen serve` does); ended rows leave the batch, so they cost nothing afterwards.
 
 Shapes: B rows, R rows drawing an image, L tokens per image, C/H/W image, V vocab.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from mmgen.backbone import KVCache
+from mmgen.backbone import KVCache, pad_and_stack
 from mmgen.errors import InputError, OptionError, check_number
-from mmgen.events import Done, Event, ImageDone, ImageStart, ImageStep, Token, relay
+from mmgen.events import Done, Event, ImageDone, ImageStart, ImageStep, RowDone, Token, relay
 from mmgen.interfaces.base import DrawRequest
 from mmgen.model import MMGenModel
 from mmgen.sampling import MAX_SEED, GenerationOptions, sample_token
 from mmgen.sequence import SequenceBuilder
 
-__all__ = ["Engine", "GenerationOptions"]
+__all__ = ["Engine", "Feed", "GenerationOptions", "Join"]
 
 Prompt = Sequence["list[int] | Tensor"]
 
 
 @dataclass
-class _Rows:
-    """The state of one generation call: per row its cache, last hidden state and outputs."""
+class Join:
+    """A row that joins a running `Engine.stream` (see `Feed`): its prompt segments, seed, whether its
+    answer starts with an image, and its own token limit (None: the call's `max_new_tokens`)."""
 
+    prompt: Prompt
+    seed: int
+    force_image: bool = False
+    max_new_tokens: int | None = None
+
+
+class Feed(Protocol):
+    """Changes a running `Engine.stream` between decode steps. Both methods are called once per step,
+    from the thread that iterates the stream."""
+
+    def cancelled(self) -> Collection[int]:
+        """Rows to end now (each ends with `RowDone(row, "cancelled")`); unknown or ended rows are ignored."""
+
+    def joins(self, running: int) -> Sequence[Join]:
+        """Rows to add now, while `running` rows are in the batch; they share the call's options and
+        take the next row numbers in order."""
+
+
+@dataclass
+class _Rows:
+    """The rows running in one generation call, one batch slot each (B slots). `ids` are the row
+    numbers that events and `outputs` use; a row's slot changes as other rows leave or join."""
+
+    ids: list[int]
     cache: KVCache
     last: Tensor  # (B, D) hidden state of each row's newest token
     seeds: list[int]
     generators: list[torch.Generator]
     forced: Tensor  # (B,) a token to emit next instead of sampling (-1: none)
-    done: Tensor  # (B,) bool
+    done: Tensor  # (B,) bool: the row ended this step; it leaves the batch before the next
     n_images: Tensor  # (B,) images drawn so far
-    outputs: list[list] = field(default_factory=list)
+    left: Tensor  # (B,) decode steps left before the row ends with "length"
+    outputs: list[list]  # per row id (ended rows too), the generated segments
+
+    def select(self, keep: Tensor) -> _Rows:
+        """Only the slots where `keep` (B,) is True; cache slots no remaining row uses are dropped."""
+        idx = keep.nonzero().flatten()
+        pick = idx.tolist()
+        return _Rows([self.ids[i] for i in pick], self.cache.select(idx).drop_empty(), self.last[idx],
+                     [self.seeds[i] for i in pick], [self.generators[i] for i in pick], self.forced[idx],
+                     self.done[idx], self.n_images[idx], self.left[idx], self.outputs)
+
+    def merge(self, new: _Rows) -> _Rows:
+        """These rows followed by `new` (whose ids continue this call's numbering) in one batch."""
+        outputs = self.outputs + new.outputs
+        if not self.ids:
+            return _Rows(**{**vars(new), "outputs": outputs})
+        return _Rows(self.ids + new.ids, pad_and_stack([self.cache, new.cache]), torch.cat([self.last, new.last]),
+                     self.seeds + new.seeds, self.generators + new.generators, torch.cat([self.forced, new.forced]),
+                     torch.cat([self.done, new.done]), torch.cat([self.n_images, new.n_images]),
+                     torch.cat([self.left, new.left]), outputs)
 
 
 class Engine:
@@ -68,10 +115,10 @@ class Engine:
 
     def generate(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None,
                  seed: int | Sequence[int] = 0, force_image: bool | Sequence[bool] = False,
-                 stop: Sequence[int] = ()) -> list[list[list[int] | Tensor]]:
+                 stop: Sequence[int] = (), max_new_tokens: Sequence[int] | None = None) -> list[list[list[int] | Tensor]]:
         """`stream` to the end; returns per row the generated segments: token-id lists (without
         special ids) and images (C, H, W) in [-1, 1]."""
-        for event in self.stream(prompts, options, seed, force_image, stop):
+        for event in self.stream(prompts, options, seed, force_image, stop, max_new_tokens):
             if isinstance(event, Done):
                 return event.outputs
         raise AssertionError("stream ended without Done")
@@ -79,8 +126,9 @@ class Engine:
     @torch.no_grad()
     def stream(self, prompts: Sequence[Prompt], options: GenerationOptions | None = None,
                seed: int | Sequence[int] = 0, force_image: bool | Sequence[bool] = False,
-               stop: Sequence[int] = ()) -> Iterator[Event]:
-        """Continue each prompt until <eos> (or a `stop` id), `max_new_tokens` or the context limit.
+               stop: Sequence[int] = (), max_new_tokens: Sequence[int] | None = None,
+               feed: Feed | None = None) -> Iterator[Event]:
+        """Continue each prompt until <eos> (or a `stop` id), its token limit or the context limit.
 
         Args:
             prompts: per row, segments of token ids (list[int]) and images (C, H, W) in [-1, 1].
@@ -89,44 +137,71 @@ class Engine:
                 on its prompt and its seed, not on the rest of the batch.
             force_image: start the answer with <boi> (for every row, or per row).
             stop: more ids that end a row like <eos> (e.g. <|end|> for a chat turn); not returned.
+            max_new_tokens: per row, its limit of decode steps (None: `options.max_new_tokens` for all).
+            feed: ends rows and adds rows between decode steps (continuous batching); None: the
+                batch is the prompts.
 
         Yields:
-            `mmgen.events`: Token, ImageStart, ImageStep, ImageDone as they happen, then Done.
+            `mmgen.events`: Token, ImageStart, ImageStep, ImageDone, RowDone as they happen, then Done.
         """
         opts = options or GenerationOptions()
         image_opts = self.model.image.options(opts)  # checked before any work
-        rows = self._start(prompts, opts, seed, force_image)
+        rows = self._start(prompts, opts, seed, force_image, max_new_tokens)
         ends = torch.tensor(sorted({self.tok.eos_id, *stop}), device=self.model.device)
-        max_pos = self.model.config.backbone.max_position_embeddings
-        for _ in range(opts.max_new_tokens):
-            rows.done |= rows.cache.next_position >= max_pos  # out of context: the row stops
-            if rows.done.all():
+        while True:
+            rows = yield from self._settle(rows, feed)
+            joins = feed.joins(len(rows.ids)) if feed is not None else ()
+            if joins:
+                rows = rows.merge(self._start(
+                    [j.prompt for j in joins], opts, [j.seed for j in joins], [j.force_image for j in joins],
+                    [opts.max_new_tokens if j.max_new_tokens is None else j.max_new_tokens for j in joins],
+                    first=len(rows.outputs)))
+            if not rows.ids:
                 break
-            nxt, active = self._next_tokens(rows, opts)
+            nxt = self._next_tokens(rows, opts)  # every row in the batch is running
             ended = torch.isin(nxt, ends)
-            for i in active.nonzero().flatten().tolist():
-                if int(nxt[i]) not in (self.tok.boi_id, self.tok.eoi_id) and not ended[i]:
-                    _append_token(rows.outputs[i], int(nxt[i]))
-                    yield Token(i, int(nxt[i]))
-            rows.done |= active & ended
-            drawing = active & (nxt == self.tok.boi_id)
+            for i, (row, token) in enumerate(zip(rows.ids, nxt.tolist())):
+                if ended[i]:
+                    yield RowDone(row, "stop")
+                elif token not in (self.tok.boi_id, self.tok.eoi_id):
+                    _append_token(rows.outputs[row], token)
+                    yield Token(row, token)
+            rows.done |= ended
+            rows.left -= 1
+            drawing = nxt == self.tok.boi_id
             if drawing.any():
                 yield from self._draw(rows, drawing, image_opts)
-            if rows.done.all():
-                break
         yield Done(rows.outputs)
 
+    def _settle(self, rows: _Rows, feed: Feed | None) -> Generator[Event, None, _Rows]:
+        """End the rows out of steps or context ("length") and those the feed cancels; return the
+        batch without the rows that ended."""
+        max_pos = self.model.config.backbone.max_position_embeddings
+        length = (rows.left <= 0) | (rows.cache.next_position >= max_pos)
+        cancelled = set(feed.cancelled()) if feed is not None else set()
+        for i, row in enumerate(rows.ids):
+            reason = "cancelled" if row in cancelled else "length" if length[i] else None
+            if reason and not rows.done[i]:
+                rows.done[i] = True
+                yield RowDone(row, reason)
+        return rows.select(~rows.done) if rows.done.any() else rows
+
     def _start(self, prompts: Sequence[Prompt], opts: GenerationOptions, seed: int | Sequence[int],
-               force_image: bool | Sequence[bool]) -> _Rows:
-        """Validate the call, prefill the prompts and set up each row's state."""
+               force_image: bool | Sequence[bool], max_new_tokens: Sequence[int] | None, first: int = 0) -> _Rows:
+        """Validate the rows, prefill their prompts and set up their state; they are numbered from `first`."""
         m, b = self.model, len(prompts)
         if not b:
             raise InputError("no prompts: give at least one")
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
         if len(seeds) != b:
             raise OptionError(f"{len(seeds)} seeds for {b} prompts: give one seed, or one per prompt")
-        for i, s in enumerate(seeds):
-            check_number(f"seed of row {i}" if b > 1 else "seed", s, low=0, high=MAX_SEED, integer=True)
+        limits = [opts.max_new_tokens] * b if max_new_tokens is None else list(max_new_tokens)
+        if len(limits) != b:
+            raise OptionError(f"{len(limits)} max_new_tokens for {b} prompts: give one per prompt")
+        for i, (s, n) in enumerate(zip(seeds, limits)):
+            row = f" of row {first + i}" if b > 1 or first else ""
+            check_number(f"seed{row}", s, low=0, high=MAX_SEED, integer=True)
+            check_number(f"max_new_tokens{row}", n, low=0, integer=True)
         force = [force_image] * b if isinstance(force_image, bool) else list(force_image)
         if len(force) != b:
             raise ValueError(f"{len(force)} force_image flags for {b} prompts")
@@ -137,20 +212,20 @@ class Engine:
         for i, f in enumerate(force):
             if f and int(cache.next_position[i]) + self.image_room > max_pos:
                 raise ValueError(
-                    f"prompt {i} is {int(cache.next_position[i])} tokens long: an image needs {self.image_room} "
-                    f"more positions and the model holds {max_pos}; shorten the prompt"
+                    f"prompt {first + i} is {int(cache.next_position[i])} tokens long: an image needs "
+                    f"{self.image_room} more positions and the model holds {max_pos}; shorten the prompt"
                 )
         dev = m.device
         return _Rows(
-            cache, last, seeds, [torch.Generator(device=dev).manual_seed(s) for s in seeds],
+            list(range(first, first + b)), cache, last, seeds,
+            [torch.Generator(device=dev).manual_seed(s) for s in seeds],
             forced=torch.tensor([self.tok.boi_id if f else -1 for f in force], device=dev),
             done=torch.zeros(b, dtype=torch.bool, device=dev), n_images=torch.zeros(b, dtype=torch.long, device=dev),
-            outputs=[[] for _ in range(b)],
+            left=torch.tensor(limits, dtype=torch.long, device=dev), outputs=[[] for _ in range(b)],
         )
 
-    def _next_tokens(self, rows: _Rows, opts: GenerationOptions) -> tuple[Tensor, Tensor]:
-        """Sample (or take the forced) next token of every row (B,), feed it to the cache for the
-        active rows; returns the tokens and the active-row mask (B,)."""
+    def _next_tokens(self, rows: _Rows, opts: GenerationOptions) -> Tensor:
+        """Sample (or take the forced) next token of every row (B,) and feed it to the cache."""
         m = self.model
         logits = m.logits(rows.last).float()  # (B, V)
         logits[:, self.banned] = float("-inf")
@@ -160,22 +235,22 @@ class Engine:
         sampled = sample_token(logits, rows.generators, opts.temperature, opts.top_k, opts.top_p, opts.min_p)
         nxt = torch.where(rows.forced >= 0, rows.forced, sampled)
         rows.forced.fill_(-1)
-        active = ~rows.done
         x = m.embed(nxt[:, None], nxt.new_full((len(nxt), 1), -1), None)  # (B, 1, D)
-        rows.last = m.extend(rows.cache, x, active, False)[:, -1]
-        return nxt, active
+        rows.last = m.extend(rows.cache, x, torch.ones_like(rows.done), False)[:, -1]
+        return nxt
 
     def _draw(self, rows: _Rows, drawing: Tensor, image_opts) -> Iterator[Event]:
         """Draw one image for each row in `drawing` (B,) bool through the interface, commit it to the
         cache (the clean pass), and force <eoi> next."""
         m = self.model
         idx = drawing.nonzero().flatten()
-        which = idx.tolist()
+        slots = idx.tolist()
+        which = [rows.ids[i] for i in slots]  # row numbers
         yield ImageStart(which)
         request = DrawRequest(
             m, rows.cache.select(idx), rows.last[idx], self.null_prefix, image_opts,
-            [rows.generators[i] for i in which],
-            [rows.seeds[i] * 1_000_003 + int(rows.n_images[i]) for i in which],  # one noise path per row and image
+            [rows.generators[i] for i in slots],
+            [rows.seeds[i] * 1_000_003 + int(rows.n_images[i]) for i in slots],  # one noise path per row and image
         )
         tokens = yield from relay(m.image.draw(request), lambda e: ImageStep([which[i] for i in e.rows], e.step,
                                                                             e.steps, e.denoised))
