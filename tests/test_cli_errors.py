@@ -20,6 +20,7 @@ from train_helpers import REPO, micro_config, restore_threads, subprocess_env  #
 
 import mmgen.train.state as state_module
 from mmgen import cli, files
+from mmgen.assets import DEFAULT_MODEL
 from mmgen.chat import Chat
 from mmgen.chat_repl import run
 from mmgen.compare import render_markdown
@@ -83,6 +84,34 @@ def test_bad_numbers_are_one_line_errors(option, value, message, capsys, no_mode
     err = fails(["generate", "a digit", option, value], capsys)
     assert err.startswith("error: mmgen generate: ") and message in err and "--help" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance", "nan"], "guidance scale = nan: must be a number in [0, 100]"),
+    (["--guidance", "inf"], "guidance scale = inf: must be a number in [0, 100]"),
+    (["--steps", "100000"], "image_steps = 100000: must be an integer in [1, 1000]"),
+    (["--temperature", "-1"], "temperature = -1.0: must be"),
+    (["--top-p", "2"], "top_p = 2.0: must be a number in (0, 1]"),
+    (["--eta", "nan"], "eta = nan"),
+])
+def test_sampling_options_out_of_range_are_named_before_the_model_loads(argv, message, capsys, no_model):
+    """A NaN guidance scale once drew an all-black image with exit 0; now every field is checked first."""
+    err = fails(["generate", "a digit", *argv], capsys)
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_a_broken_model_directory_is_one_paragraph_and_the_next_call_works(tmp_path, capsys):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (broken / name).write_bytes((DEFAULT_MODEL / name).read_bytes())
+    good = (DEFAULT_MODEL / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(good[: len(good) // 2])  # an interrupted copy
+    err = fails(["generate", "a digit", "--model", str(broken), "-o", str(tmp_path / "x.png")], capsys)
+    assert "model.safetensors is truncated" in err and str(broken) in err
+    assert not (tmp_path / "x.png").exists()
+    cli.main(["generate", "a handwritten digit 3", "--steps", "2", "-o", str(tmp_path / "ok.png")])
+    assert Image.open(tmp_path / "ok.png").size == (128, 128)
 
 
 def test_invalid_utf8_prompt_is_an_error(capsys, no_model):
