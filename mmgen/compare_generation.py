@@ -3,10 +3,13 @@
 For each tokenizer, the default job (`digits-tiny`: tiny preset, bundled digits, both directions)
 runs through the trainer with the interface its tokens call for (codes -> "discrete", codes +
 residual -> "hybrid", continuous -> "diffusion", or the one named after a colon, e.g. `pixels:mar`),
-on the same data, seed and step budget. Each model then draws `per_digit` images per prompted digit
+and the understanding input named after a plus (how the model reads images, `ImageConfig.understanding_input`;
+e.g. `DIR:discrete+latents`, `DIR:hybrid+encoder` with `model.image.understanding_encoder` in the overrides;
+default "codes"), on the same data, seed and step budget. Each model then draws `per_digit` images per prompted digit
 and captions the 297 held-out digits. Reported: prompted-class accuracy (an SVM on real digits
 judges each image), FWD between the drawn and the held-out real digits (None, shown empty, when the
-optional pytorchfwd is not installed), caption accuracy, training minutes and drawing speed. Run directories: OUT/NAME-INTERFACE (the model, its log, samples.png).
+optional pytorchfwd is not installed), caption accuracy, training minutes and drawing speed. Run directories:
+OUT/NAME-INTERFACE, or OUT/NAME-INTERFACE+INPUT for another understanding input (the model, its log, samples.png).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ DEFAULT_INTERFACE = {"pixels": "diffusion", "vae": "diffusion", "diffusers": "di
                      "hybrid": "hybrid"}
 
 
-def parse_spec(spec: str) -> tuple[str, str | None, str]:
-    """"DIR[:interface]" or "pixels[:interface]" -> (tokenizer name, its dir or None, interface)."""
-    path, _, interface = spec.partition(":")
+def parse_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """"DIR[:interface[+input]]" or "pixels[:interface[+input]]" -> (tokenizer name, its dir or None, interface,
+    understanding input)."""
+    path, _, rest = spec.partition(":")
+    interface, _, understanding = rest.partition("+")
     if path == "pixels":
         kind, directory = "pixels", None
     else:
@@ -42,16 +47,22 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
                                     "`mmgen train-tokenizer`)")
         kind, directory = load_image_tokenizer(path).config.kind, path
     interface = interface or DEFAULT_INTERFACE[kind]
-    return Path(path).name, directory, interface
+    return Path(path).name, directory, interface, understanding or "codes"
 
 
-def run_config(out: Path, directory: str | None, interface: str, steps: int, seed: int, progress: bool,
-               overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The `digits-tiny` job for one tokenizer: its interface and image tokenizer, `steps` steps, a
-    checkpoint only at the end, no sample grids or evaluation (measured here); then `overrides`."""
+def run_config(out: Path, directory: str | None, interface: str, understanding: str, steps: int, seed: int,
+               progress: bool, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The `digits-tiny` job for one tokenizer: its interface, understanding input and image tokenizer,
+    `steps` steps, a checkpoint only at the end, no sample grids or evaluation (measured here); then `overrides`."""
     return load_config(CONFIG, {"out": str(out), "seed": seed, "train.steps": steps, "model.image.interface": interface,
+                                "model.image.understanding_input": understanding,
                                 "model.image_tokenizer": directory, "checkpoint.every": 0, "samples.every": 0,
                                 "eval.digits": 0, "log.progress": progress, **(overrides or {})})
+
+
+def run_name(name: str, interface: str, understanding: str) -> str:
+    """A run's directory name: NAME-INTERFACE, plus +INPUT for an understanding input other than codes."""
+    return f"{name}-{interface}" + ("" if understanding == "codes" else f"+{understanding}")
 
 
 def measure(run_dir: Path, per_digit: int, guidance: float, seed: int, classifier: DigitClassifier) -> dict:
@@ -80,23 +91,26 @@ def compare_generation(specs: list[str], out_dir: str | Path, steps: int = 3000,
     """Train and evaluate one digits model per spec; returns one row per spec (and saves grids).
 
     Args:
-        specs: "pixels[:interface]" or "DIR[:interface]" (a trained image tokenizer).
-        out_dir: run directories go here, one per spec (NAME-INTERFACE).
+        specs: "pixels[:interface[+input]]" or "DIR[:interface[+input]]" (a trained image tokenizer; input:
+            the understanding input, "codes" by default).
+        out_dir: run directories go here, one per spec (NAME-INTERFACE, NAME-INTERFACE+INPUT).
         steps: training steps of every run.
         per_digit: images drawn per digit.
         overrides: config keys set for every run on top of `digits-tiny` (e.g. a smaller model).
     """
     out = Path(out_dir)
     parsed = [parse_spec(s) for s in specs]
-    configs = [run_config(out / f"{name}-{interface}", directory, interface, steps, seed, progress, overrides)
-               for name, directory, interface in parsed]  # a bad spec or key fails before any training
+    configs = [run_config(out / run_name(name, interface, understanding), directory, interface, understanding, steps,
+                          seed, progress, overrides)
+               for name, directory, interface, understanding in parsed]  # a bad spec or key fails before any training
     classifier = DigitClassifier()
     rows = []
-    for (name, _, interface), config in zip(parsed, configs, strict=True):
+    for (name, _, interface, understanding), config in zip(parsed, configs, strict=True):
         start = time.perf_counter()
         run_dir = run(config)
         minutes = (time.perf_counter() - start) / 60
         measured = measure(run_dir, per_digit, guidance, seed, classifier)
-        rows.append({"tokenizer": name, "interface": interface, "tokens/image": measured.pop("tokens/image"),
+        rows.append({"tokenizer": name, "interface": interface, "image input": understanding,
+                     "tokens/image": measured.pop("tokens/image"),
                      "train steps": steps, "train min": round(minutes, 1), **measured})
     return rows

@@ -186,12 +186,26 @@ class ImageConfig:
         "hybrid":    HART. Codes as next tokens, plus each token's continuous residual sampled by the
                      per-token MLP head from the hidden state that predicted the code.
         "mar":       continuous tokens predicted one after another, each sampled by the MLP head.
+    understanding_input: how an image the model reads (one that precedes its text, a prompt image, an
+        image already drawn) enters the backbone; images the model writes are always its own tokens.
+        A key of `mmgen.interfaces.understanding.UNDERSTANDING` ("latents", "encoder") or "codes";
+        the causal interfaces take any, "diffusion" only "codes" (Janus / ILLUME+ decoupling):
+        "codes":   the interface's own token embedding (codes, or mar's continuous tokens).
+        "latents": the tokenizer's continuous latents before quantization, p×p cells per token,
+                   through a trainable 2-layer MLP.
+        "encoder": patch features of the frozen vision model in `understanding_encoder`, pooled to the
+                   token grid, through a trainable 2-layer MLP (LLaVA / Janus).
+    understanding_encoder: a local Hugging Face vision model directory (SigLIP, CLIP vision, DINOv2),
+        for understanding_input="encoder"; the encoder travels with a saved model (its weights in
+        model.safetensors, its config in understanding_encoder.json), so the directory is needed only to build.
     """
 
     interface: str = "diffusion"
     tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     patch_size: int = 2  # latent cells per token along each side ("diffusion" and "mar")
     head: HeadConfig = field(default_factory=HeadConfig)
+    understanding_input: str = "codes"
+    understanding_encoder: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, dict):

@@ -255,7 +255,7 @@ class Engine:
         tokens = yield from relay(m.image.draw(request), lambda e: ImageStep([which[i] for i in e.rows], e.step,
                                                                             e.steps, e.denoised))
         self.step_cache = request.step_cache
-        embedded = m.image.embed(tokens)  # (R, L, D)
+        embedded = m.embed_drawn(tokens)  # (R, L, D), as the model reads images
         full = embedded.new_zeros(len(drawing), *embedded.shape[1:])  # rows not drawing get masked slots
         full[idx] = embedded
         m.extend(rows.cache, full, drawing, True)  # the clean pass

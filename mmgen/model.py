@@ -21,6 +21,7 @@ from mmgen.backbone import AttentionContext, KVCache, LlamaModel
 from mmgen.config import ModelConfig
 from mmgen.files import TOKENIZER_DIGEST, TOKENIZER_FILE, load_directory, save_directory
 from mmgen.interfaces.registry import build_interface
+from mmgen.interfaces.understanding import carried_files, use_carried_files
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
 
@@ -63,7 +64,7 @@ class MMGenModel(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.backbone.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.requires_grad:  # frozen: pretrained
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
@@ -93,6 +94,30 @@ class MMGenModel(nn.Module):
     def decode_images(self, tokens: ImageTokens) -> Tensor:
         """Image tokens -> pixels (N, C, H, W) in [-1, 1]."""
         return self.image_tokenizer.decode(tokens).float().clamp(-1, 1)
+
+    def read_images(self, images: Tensor) -> Tensor:
+        """Slot embeddings (N, L, D) of clean images (N, C, H, W) the model reads: through the interface's
+        understanding input (`mmgen.interfaces.understanding`) if it has one, else `embed` of their tokens."""
+        if self.image.understanding is None:
+            return self.image.embed(self.encode_images(images))
+        return self.image.understanding(images.to(self.device), self.image_tokenizer)
+
+    def embed_drawn(self, tokens: ImageTokens) -> Tensor:
+        """Slot embeddings (R, L, D) of drawn images for the clean pass: what later text attends to is what it
+        would be had the decoded image been given (decode, then the understanding input), or `embed(tokens)`."""
+        if self.image.understanding is None:
+            return self.image.embed(tokens)
+        return self.read_images(self.decode_images(tokens))
+
+    def train_image_inputs(self, images: Tensor, conditions: Tensor, generator: torch.Generator | None):
+        """Training inputs (N, L, D) and the interface's targets for images (N, C, H, W): the interface's
+        `train_inputs`, except that images that precede their text (`conditions` (N,)) are read through
+        the understanding input when the interface has one."""
+        inputs, targets = self.image.train_inputs(self.encode_images(images), conditions, generator)
+        read = conditions.to(images.device).nonzero().flatten()  # (n_read,)
+        if self.image.understanding is not None and len(read):
+            inputs = inputs.index_put((read,), self.read_images(images[read]).to(inputs.dtype))
+        return inputs, targets
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -147,7 +172,7 @@ class MMGenModel(nn.Module):
     def prefill(self, batch: SequenceBatch) -> tuple[KVCache, Tensor]:
         """Run prompts (images in them clean) into a fresh cache; returns it and each row's last hidden (B, D)."""
         batch = batch.to(self.device)
-        tokens = self.image.embed(self.encode_images(batch.images)) if batch.images.shape[0] else None
+        tokens = self.read_images(batch.images) if batch.images.shape[0] else None
         hidden, kv = self(self.embed(batch.ids, batch.image_id, tokens), batch.positions, batch.doc_id, batch.image_id)
         lengths = (batch.doc_id >= 0).sum(1)
         cache = KVCache([k for k, _ in kv], [v for _, v in kv], batch.doc_id, batch.image_id, lengths)
@@ -182,7 +207,8 @@ class MMGenModel(nn.Module):
         global counts (total = lm_sum / Σtokens + image_sum / Σimages), and the local means:
             loss:      lm_sum / tokens + image_sum / images (differentiable)
             lm_sum:    Σ over labelled tokens of cross-entropy (+ z_loss · z²)
-            image_sum: Σ over images of that image's weighted loss (λ·MSE for diffusion)
+            image_sum: Σ over images of that image's weighted loss (λ·MSE for diffusion); with an
+                       understanding input, the images it reads (those before their text) add 0
             tokens, images: the counts (int64 scalars)
             lm, image, z: detached means, for logging
         """
@@ -190,8 +216,8 @@ class MMGenModel(nn.Module):
         n = batch.images.shape[0]
         inputs, ctx = None, None
         if n:
-            tokens = self.encode_images(batch.images.to(self.device))
-            inputs, ctx = self.image.train_inputs(tokens, batch.image_conditions, generator)  # (N, L, D)
+            inputs, ctx = self.train_image_inputs(batch.images.to(self.device), batch.image_conditions,
+                                                  generator)  # (N, L, D)
         x = self.embed(batch.ids, batch.image_id, inputs)
         hidden, _ = self(x, batch.positions, batch.doc_id, batch.image_id)
 
@@ -206,6 +232,8 @@ class MMGenModel(nn.Module):
             before[:, :-1] = slots[:, 1:]  # <boi> and slots 0..L-2: the positions that predict slots
             size = (n, self.config.image.tokens_per_image, hidden.shape[-1])
             per_image = self.image.loss(ctx, hidden[slots].view(size), hidden[before].view(size), generator)  # (N,)
+            if self.image.understanding is not None:  # images read through it are inputs, not targets (Janus)
+                per_image = torch.where(batch.image_conditions.to(per_image.device), 0.0, per_image)  # (N,)
         else:
             per_image = hidden.new_zeros(0)
         image_sum = per_image.sum()  # interfaces weight their own losses (λ for diffusion)
@@ -223,11 +251,14 @@ class MMGenModel(nn.Module):
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """Write model.safetensors, `tokenizer.model` (when a text tokenizer is given: anything with
         `model_proto` bytes), then config.json, each atomically. The weights' header records the
-        tokenizer's SHA-256 (`TOKENIZER_DIGEST`), so loading can tell that the two belong together."""
+        tokenizer's SHA-256 (`TOKENIZER_DIGEST`), so loading can tell that the two belong together. A frozen
+        vision encoder (understanding_input "encoder") travels too: its weights in model.safetensors, its
+        Hugging Face config in `understanding_encoder.json`."""
+        extra = carried_files(self.image.understanding)
         if tokenizer is None:
-            save_directory(directory, self.config.to_dict(), self)
+            save_directory(directory, self.config.to_dict(), self, extra)
             return
-        save_directory(directory, self.config.to_dict(), self, {TOKENIZER_FILE: tokenizer.model_proto},
+        save_directory(directory, self.config.to_dict(), self, {**extra, TOKENIZER_FILE: tokenizer.model_proto},
                        metadata={TOKENIZER_DIGEST: hashlib.sha256(tokenizer.model_proto).hexdigest()})
 
     @classmethod
@@ -235,4 +266,5 @@ class MMGenModel(nn.Module):
         """Rebuild a model saved by `save_pretrained`, in eval mode. Every file is checked first: a missing one
         raises FileNotFoundError; a config.json of wrong keys, types or values, or a model.safetensors that is
         corrupt or of another model, raises ModelFileError naming the file, the field or tensors, and the fix."""
-        return load_directory(directory, lambda raw: cls(ModelConfig.from_dict(raw)), device)
+        return load_directory(directory, lambda raw: cls(ModelConfig.from_dict(use_carried_files(raw, directory))),
+                              device)

@@ -1,5 +1,6 @@
 """Every image interface under the same backbone: training loss, attention inside images, cached
-token-by-token drawing equal to teacher forcing, batch independence, tokenizer/config checks."""
+token-by-token drawing equal to teacher forcing, batch independence (for every understanding input),
+tokenizer/config checks."""
 
 import dataclasses
 
@@ -33,13 +34,37 @@ CASES = {
     "mar": lambda: ImageConfig("mar", patch_size=2, head=HEAD),  # raw pixels, 2×2 patches
 }
 CAUSAL = ["discrete", "hybrid", "mar"]
+INPUTS = ["codes", "latents", "encoder"]  # ImageConfig.understanding_input
+# every causal interface with codes, and each other input on some interface (tiny models: seconds)
+CAUSAL_INPUTS = [(case, "codes") for case in CAUSAL] + [("discrete", "latents"), ("mar", "latents"),
+                                                        ("hybrid", "encoder")]
 
 
-def make(case: str, vocab: int) -> MMGenModel:
+def tiny_vision_dir(path, kind: str = "siglip") -> str:
+    """A random 1-layer SigLIP (no CLS token) or CLIP (CLS first) vision model saved in `path`:
+    32×32 RGB in 4×4 patches, an 8×8 grid of 16 features."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config_cls, model_cls = (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (
+        CLIPVisionConfig, CLIPVisionModel)
+    config = config_cls(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        image_size=32, patch_size=4, num_channels=3)
+    model_cls(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def vision_dir(tmp_path_factory) -> str:
+    return tiny_vision_dir(tmp_path_factory.mktemp("siglip"))
+
+
+def make(case: str, vocab: int, understanding: str = "codes", encoder: str | None = None) -> MMGenModel:
     torch.manual_seed(0)
     bb = BackboneConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
-    model = MMGenModel(ModelConfig(backbone=bb, image=CASES[case]()))
+    image = dataclasses.replace(CASES[case](), understanding_input=understanding, understanding_encoder=encoder)
+    model = MMGenModel(ModelConfig(backbone=bb, image=image))
     with torch.no_grad():  # untrained heads start at zero; make every output depend on its input
         for name, p in model.image.named_parameters():
             if p.dim() >= 2 and torch.count_nonzero(p) == 0:
@@ -99,9 +124,10 @@ def draw_with_spy(model, engine, prompts, opts, seed):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-@pytest.mark.parametrize("case", CAUSAL)
-def test_cached_drawing_equals_teacher_forcing(case, guidance, tokenizer):
-    model = make(case, len(tokenizer))
+@pytest.mark.parametrize("case, understanding", CAUSAL_INPUTS)
+def test_cached_drawing_equals_teacher_forcing(case, guidance, understanding, tokenizer, vision_dir):
+    """Drawing stays on the interface's own tokens whatever the understanding input."""
+    model = make(case, len(tokenizer), understanding, vision_dir)
     builder = builder_for(model, tokenizer)
     engine = Engine(model, builder)
     prompt = tokenizer.encode("draw a seven")
@@ -127,11 +153,11 @@ def test_cached_drawing_equals_teacher_forcing(case, guidance, tokenizer):
     torch.testing.assert_close(seen[0], hidden[0, before], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", CAUSAL)
-def test_a_row_draws_the_same_alone_or_in_a_batch(case, tokenizer):
-    model = make(case, len(tokenizer))
+@pytest.mark.parametrize("case, understanding", CAUSAL_INPUTS)
+def test_a_row_draws_the_same_alone_or_in_a_batch(case, understanding, tokenizer, vision_dir):
+    model = make(case, len(tokenizer), understanding, vision_dir)
     engine = Engine(model, builder_for(model, tokenizer))
-    prompts = [[tokenizer.encode("a long prompt about the digit three")], [tokenizer.encode("two")]]
+    prompts = [[tokenizer.encode("a long prompt about the digit three")], [digit(4), tokenizer.encode("two")]]
     opts = GenerationOptions(max_new_tokens=3, guidance=2.0)
     both = engine.generate(prompts, opts, seed=[5, 6], force_image=True)
     alone = engine.generate(prompts[1:], opts, seed=[6], force_image=True)

@@ -13,6 +13,10 @@ and implements
                                                   i.e. <boi> and slots 0..L−2 (N, L, D)
     draw(request)                              a generator: yields `events.ImageStep` progress, returns the
                                                   drawn `ImageTokens` (what the engine commits to the cache)
+and may hold
+    understanding           None, or the module that embeds the images the model reads (prompt images,
+                            drawn images in the clean pass) from pixels instead of `embed`
+                            (`mmgen.interfaces.understanding`; the causal interfaces build it)
 A new interface is one file with a subclass plus one line in `mmgen.interfaces.registry.INTERFACES`.
 
 Layout: tokens are read in raster order. Codes (N, g, g) <-> (N, L); latents (N, c, G, G) <->
@@ -90,10 +94,12 @@ class ImageInterface(nn.Module, ABC):
         self.check_config(config.image)
         self.cfg = config.image
         self.hidden_size = config.backbone.hidden_size
+        self.understanding: nn.Module | None = None  # an instance attribute: a class one would hide the module
 
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
-        """Raise ValueError, naming the field and the fix, if this interface cannot use `image`."""
+        """Raise ValueError, naming the field and the fix, if this interface cannot use `image`
+        (subclasses call `check_understanding` for `image.understanding_input`)."""
 
     def options(self, options: GenerationOptions) -> Any:
         """This interface's `Options` from a call's options; raises OptionError for a set option it does not take."""

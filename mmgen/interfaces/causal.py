@@ -5,6 +5,8 @@ back through the cache and its hidden state predicts the next, L tokens in raste
 guidance the null prompt `<bos> <boi>` runs beside every row in the same batch and is fed the same
 tokens. Subclasses say how one token is sampled from the conditioning hidden states (`sample_step`),
 how a drawn token is embedded (`embed_step`), and how the steps form the image (`assemble`).
+Images they read may enter through a separate understanding input (`understanding`, built from
+`image.understanding_input`); drawing itself always feeds back the interface's own tokens.
 
 Shapes: R rows, D hidden, L tokens per image.
 """
@@ -16,13 +18,19 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
+from mmgen.config import ModelConfig
 from mmgen.events import ImageStep
 from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface
+from mmgen.interfaces.understanding import build_understanding
 from mmgen.tokenizers.image import ImageTokens
 
 
 class CausalInterface(ImageInterface):
     causal = True
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.understanding = build_understanding(config)
 
     @abstractmethod
     def sample_step(self, cond: Tensor, uncond: Tensor | None, request: DrawRequest) -> ImageTokens:

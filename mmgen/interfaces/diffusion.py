@@ -28,6 +28,7 @@ from mmgen.errors import OptionError
 from mmgen.events import ImageStep, relay
 from mmgen.heads.timestep import timestep_features
 from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface, require_tokenizer
+from mmgen.interfaces.understanding import check_understanding
 from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 
@@ -66,6 +67,7 @@ class DiffusionInterface(ImageInterface):
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
         require_tokenizer(cls.name, image, discrete=False)
+        check_understanding(cls.name, cls.causal, image)
 
     def options(self, options: GenerationOptions) -> DiffusionOptions:
         o = super().options(options)

@@ -20,6 +20,7 @@ from mmgen.diffusion.guidance import Guidance
 from mmgen.errors import OptionError
 from mmgen.interfaces.base import DrawRequest, require_tokenizer
 from mmgen.interfaces.causal import CausalInterface
+from mmgen.interfaces.understanding import check_understanding
 from mmgen.sampling import GenerationOptions, sample_token
 from mmgen.tokenizers.image import ImageTokens
 
@@ -47,6 +48,7 @@ class DiscreteInterface(CausalInterface):
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
         require_tokenizer(cls.name, image, discrete=True)
+        check_understanding(cls.name, cls.causal, image)
         if image.patch_size != 1:
             raise ValueError(f"the {cls.name!r} interface predicts one code per token: set image.patch_size=1")
 

@@ -17,6 +17,7 @@ from mmgen.diffusion.guidance import Guidance
 from mmgen.heads.mlp import MLPHead
 from mmgen.interfaces.base import DrawRequest, require_tokenizer
 from mmgen.interfaces.causal import CausalInterface
+from mmgen.interfaces.understanding import check_understanding
 from mmgen.tokenizers.image import ImageTokens
 
 
@@ -43,6 +44,7 @@ class MARInterface(CausalInterface):
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
         require_tokenizer(cls.name, image, discrete=False)
+        check_understanding(cls.name, cls.causal, image)
 
     def init_weights(self) -> None:
         self.head.reset_parameters()  # the MLP head keeps its own (adaLN-Zero) initialization

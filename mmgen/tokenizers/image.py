@@ -58,6 +58,11 @@ class ImageTokenizer(nn.Module):
     def decode(self, tokens: ImageTokens) -> Tensor:
         raise NotImplementedError
 
+    def features(self, images: Tensor) -> Tensor:
+        """The continuous latents (N, c, g, g) before any quantization: what the "latents" understanding
+        input reads (`mmgen.interfaces.understanding`). Continuous tokenizers: their latents."""
+        return self.encode(images).latents
+
     def loss(self, images: Tensor, step: int = 0) -> dict[str, Tensor]:
         """Training loss on a batch of images: {"loss": total, ...parts for logging}."""
         raise NotImplementedError(f"the {self.config.kind!r} image tokenizer is not trainable")

@@ -121,6 +121,10 @@ class VQTokenizer(ImageTokenizer):
         self.check_images(images)
         return self.encoder(images.to(self._dtype()))
 
+    def features(self, images: Tensor) -> Tensor:
+        """The encoder output z (N, c, g, g) before quantization (also hybrid's dequantize(codes) + residual)."""
+        return self.latent(images)
+
     def dequantize(self, codes: Tensor) -> Tensor:
         """Codes (N, g, g) -> codebook vectors (N, c, g, g)."""
         g = self.config.grid

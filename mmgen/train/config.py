@@ -296,6 +296,9 @@ MODEL_HELP = {
     "model.backbone.qk_norm": "RMSNorm on queries and keys (Chameleon; helps stability)",
     "model.backbone.initializer_range": "std of the normal initialization",
     "model.image.interface": "diffusion (Transfusion), discrete (Chameleon), hybrid (HART) or mar",
+    "model.image.understanding_input": "how images the model reads enter it (causal interfaces): codes, latents "
+                                       "(tokenizer latents before quantization) or encoder (a frozen vision model)",
+    "model.image.understanding_encoder": "local Hugging Face vision model directory for understanding_input=encoder",
     "model.image.patch_size": "latent cells per token along each side (unset: 1 for codes and for 2×2 grids, else "
                               "the preset's)",
     "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
