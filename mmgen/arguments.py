@@ -13,31 +13,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def integer(low: int, high: int | None = None):
-    """An argparse type: an integer in [low, high] (no upper bound when None), e.g. "-n: must be ≥ 1, got 0"."""
+def number(kind: type = float, low: float = 0, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite `kind` (int or float) in [low, high] ((low, high] when `low_open`; no
+    upper bound when None), e.g. "-n: must be ≥ 1, got 0", "--scale: must be in 1..64, got 65"."""
+    noun = "an integer" if kind is int else "a number"
+    bound = f"> {low:g}" if low_open else f"≥ {low:g}"
+    allowed = f"in {low}..{high}" if high is not None else bound if kind is int else f"a finite number {bound}"
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {f'≥ {low}' if high is None else f'in {low}..{high}'}, "
-                                             f"got {value}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not (low < value if low_open else low <= value) or not value < float("inf") or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
         return value
 
     return parse
 
 
-def positive(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+def integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper bound when None)."""
+    return number(int, low, high)
+
+
+positive = number(float, 0, low_open=True)  # a finite number > 0 (a time budget, a learning rate)
+seconds = number(float, 0)  # a finite number of seconds ≥ 0
 
 
 def shift(value: str) -> str | float:
@@ -57,13 +59,3 @@ def text(value: str) -> str:
                                          "check the terminal's or the script's encoding") from None
     return value
 
-
-def seconds(value: str) -> float:
-    """An argparse type: a finite number of seconds ≥ 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {value}")
-    return number

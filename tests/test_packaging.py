@@ -25,22 +25,13 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _imports(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, int]]:
     """(name, line) for every import in `tree`, inside functions too: `import a.b` gives a.b, `from a
     import b` gives a and a.b (a module or not: the caller keeps the names that are modules).
-    Imports under `if TYPE_CHECKING:` are skipped: they never run."""
+    Imports under `if TYPE_CHECKING:` count too: a type-only import back is still a cycle of design."""
     found, stack = [], [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            stack.extend(node.orelse)
-            continue
         if isinstance(node, ast.Import):
             found += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):

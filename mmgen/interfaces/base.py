@@ -28,20 +28,34 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmgen.backbone import KVCache, pad_and_stack
+from mmgen.backbone import AttentionContext, KVCache, pad_and_stack
 from mmgen.config import ImageConfig, ModelConfig
 from mmgen.events import ImageStep
 from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 
-if TYPE_CHECKING:
-    from mmgen.model import MMGenModel
+
+class DrawingModel(Protocol):
+    """What a draw uses of the model (`mmgen.model.MMGenModel`), named here so that the interfaces do
+    not import the model that builds them."""
+
+    model: nn.Module  # the backbone: model(x, ctx) and its layer runner
+
+    def context(self, positions: Tensor, doc_id: Tensor, image_id: Tensor, cache: KVCache | None = None
+                ) -> AttentionContext: ...
+
+    def extend(self, cache: KVCache, x: Tensor, active: Tensor, image: bool) -> Tensor: ...
+
+    def encode_images(self, images: Tensor) -> ImageTokens: ...
+
+    def decode_images(self, tokens: ImageTokens) -> Tensor: ...
+
 
 Drawing = Generator[ImageStep, None, ImageTokens]
 
@@ -61,7 +75,7 @@ class DrawRequest:
     step_cache: set by an interface that caches denoising steps, for its statistics.
     """
 
-    model: MMGenModel
+    model: DrawingModel
     cache: KVCache
     last: Tensor
     null_prefix: Callable[[], tuple[KVCache, Tensor]]
