@@ -2,8 +2,8 @@
 
 Remote (http/https) URLs are never fetched: a server that downloads whatever a request names can be
 turned against its own network, and it would block a worker on someone else's host. Local paths are
-refused unless `--allow-local-files`, because they read the server's disk. Decoded images are
-checked (format, pixel count) before the model's own checks (`Pipeline.image`) see them.
+refused unless `--allow-local-files`, because they read the server's disk. A data URL's header is
+checked (format, pixel count) here; decoding is the library's (`Pipeline.image`, as for any image).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from mmgen.serve.protocol import APIError, ImageRef
 DATA_PREFIX = "data:"
 
 
-def decode(ref: ImageRef, allow_local_files: bool, max_pixels: int) -> Image.Image | Path:
-    """An image part's URL -> a PIL image (data URL) or a path (local file, when allowed); raises APIError."""
+def decode(ref: ImageRef, allow_local_files: bool, max_pixels: int) -> bytes | Path:
+    """An image part's URL -> its encoded bytes (data URL, header checked) or a path (local file, when
+    allowed); raises APIError. `Pipeline.image` decodes either (EXIF, draft/reduce, MAX_PIXELS)."""
     url = ref.url.strip()
     if url.startswith(DATA_PREFIX):
         return _data_url(url, ref.param, max_pixels)
@@ -39,7 +40,7 @@ def decode(ref: ImageRef, allow_local_files: bool, max_pixels: int) -> Image.Ima
     return path
 
 
-def _data_url(url: str, param: str, max_pixels: int) -> Image.Image:
+def _data_url(url: str, param: str, max_pixels: int) -> bytes:
     header, comma, data = url.partition(",")
     if not comma or not header.endswith(";base64") or not header[len(DATA_PREFIX):].startswith("image/"):
         raise APIError(400, f"{param}: a data URL must look like data:image/png;base64,<data>, got "
@@ -50,15 +51,15 @@ def _data_url(url: str, param: str, max_pixels: int) -> Image.Image:
         raise APIError(400, f"{param}: the data URL's base64 payload is not valid base64", param,
                        "invalid_image_url") from None
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > max_pixels:
-            raise APIError(400, f"{param}: the image is {image.width}x{image.height}, over the server's limit of "
-                                f"{max_pixels} pixels (--max-image-pixels)", param, "image_too_large")
-        image.load()
+        with Image.open(io.BytesIO(raw)) as image:  # the header only: decoding is the library's (`load_image`)
+            width, height = image.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise APIError(400, f"{param}: the data URL holds no readable image ({type(e).__name__}: {e})"[:300], param,
                        "invalid_image_url") from None
-    return image
+    if width * height > max_pixels:
+        raise APIError(400, f"{param}: the image is {width}x{height}, over the server's limit of {max_pixels} "
+                            "pixels (--max-image-pixels)", param, "image_too_large")
+    return raw
 
 
 def png_base64(image: Image.Image, scale: int = 1) -> str:

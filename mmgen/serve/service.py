@@ -89,7 +89,9 @@ class Service:
         return [Job(prompt, opts, base + i, force, _on_worker(i, deliver)) for i in range(n)]
 
     def _image(self, ref: ImageRef) -> Any:
-        return images.decode(ref, self.config.allow_local_files, self.config.max_image_pixels)
+        """An image part -> the model's (C, R, R) tensor, decoded like any image (`Pipeline.image`)."""
+        source = images.decode(ref, self.config.allow_local_files, self.config.max_image_pixels)
+        return _library_call(lambda: self.chat.pipe.image(source))
 
 
 def _library_call(call: Callable[[], Any]) -> Any:
