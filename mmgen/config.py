@@ -198,6 +198,11 @@ class ImageConfig:
     understanding_encoder: a local Hugging Face vision model directory (SigLIP, CLIP vision, DINOv2),
         for understanding_input="encoder"; the encoder travels with a saved model (its weights in
         model.safetensors, its config in understanding_encoder.json), so the directory is needed only to build.
+    code_input_noise: noisy teacher forcing for the code interfaces ("discrete", "hybrid"): in training,
+        up to this share (uniform per image) of an image's input codes is replaced by random codes
+        while its targets stay the true codes, so drawing recovers from its own sampling mistakes.
+        Images read as codes already get it (the capped corruption of `max_t_when_conditioning`);
+        with another understanding_input the codes are only ever seen clean, and this is the knob.
     """
 
     interface: str = "diffusion"
@@ -206,8 +211,10 @@ class ImageConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     understanding_input: str = "codes"
     understanding_encoder: str | None = None
+    code_input_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        check_number("code_input_noise", self.code_input_noise, low=0, high=1, error=ConfigError)
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build(ImageTokenizerConfig, self.tokenizer, "tokenizer")
         if isinstance(self.head, dict):

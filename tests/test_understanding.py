@@ -113,3 +113,25 @@ def test_understanding_input_checks():
         MMGenModel(ModelConfig(image=ImageConfig("discrete", vq, patch_size=1, understanding_input="pixels")))
     assert parse_spec("pixels:mar+latents") == ("pixels", None, "mar", "latents")
     assert parse_spec("pixels") == ("pixels", None, "diffusion", "codes")
+
+
+def test_code_input_noise_corrupts_drawn_images_inputs_in_training_only(tokenizer):
+    """Noisy teacher forcing: with image.code_input_noise the input codes of drawn (text-first) images
+    are partly random in training, the targets stay the true codes, and eval inputs stay clean."""
+    model = make("discrete", len(tokenizer), "latents")
+    model.image.input_noise = 1.0  # rate uniform in [0, 1]: some codes swapped in almost every image
+    images = torch.stack([digit(i % 10) for i in range(8)])
+    drawn = torch.zeros(8, dtype=torch.bool)
+    tokens = model.encode_images(images)
+    clean = model.image.code_embed(tokens.codes.flatten(1))
+    inputs, targets = model.image.train_inputs(tokens, drawn, torch.Generator().manual_seed(0))
+    assert torch.equal(inputs, clean)  # eval mode: clean
+    model.train()
+    inputs, targets = model.image.train_inputs(tokens, drawn, torch.Generator().manual_seed(0))
+    changed = (inputs != clean).any(-1)  # (8, L)
+    assert 0 < changed.float().mean() < 1 and torch.equal(targets.codes, tokens.codes)
+    model.image.input_noise = 0.0
+    inputs, _ = model.image.train_inputs(tokens, drawn, torch.Generator().manual_seed(0))
+    assert torch.equal(inputs, clean)  # the default: drawn images are teacher-forced with clean codes
+    with pytest.raises(ValueError, match="code_input_noise = 0.1: the 'diffusion' interface has no input codes"):
+        MMGenModel(ModelConfig(image=ImageConfig(code_input_noise=0.1)))

@@ -160,3 +160,6 @@ def require_tokenizer(interface: str, image: ImageConfig, discrete: bool, kind: 
                          f"{image.tokenizer.kind!r}; set image.tokenizer (or model.image_tokenizer) accordingly")
     if kind is not None and image.tokenizer.kind != kind:
         raise ValueError(f"the {interface!r} interface needs a {kind!r} image tokenizer, got {image.tokenizer.kind!r}")
+    if not discrete and image.code_input_noise:
+        raise ValueError(f"image.code_input_noise = {image.code_input_noise}: the {interface!r} interface has no "
+                         "input codes to corrupt; it applies to 'discrete' and 'hybrid': drop it")
