@@ -2,9 +2,13 @@
 
 Parameter names match Hugging Face `LlamaModel` (`layers.{i}.self_attn.q_proj.weight`, ...), so HF
 weights load with an identity key map. Every layer reads one `AttentionContext`: rotary cos/sin,
-an explicit boolean mask (True = attend) built by `mmgen.sequence`, and the KV cache (which also
-carries the per-key metadata that mask needs). `run_layers(x, ctx, start, stop)` runs any slice of
+an explicit boolean mask (True = attend) built by `mmgen.sequence`, and the KV cache
+(`mmgen.kv_cache`: preallocated buffers each layer writes its chunk into, plus the per-slot metadata
+that mask needs). `run_layers(x, ctx, start, stop)` runs any slice of
 the layers, so wrappers (First Block Cache, checkpointing, compilation) need no branch in here.
+With `image_experts` (LMFusion) every layer also holds `image_expert`, its own copy of the layer's
+projections, MLP and norms: the context's image slots run through it, text through the HF-named weights,
+and attention stays one joint softmax over both (`Routing`). The final norm is shared.
 
 Shapes: B batch, T query tokens, S key tokens (cache + chunk), D hidden, H query heads,
 K key/value heads, E head dim.
@@ -12,7 +16,8 @@ K key/value heads, E head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 
 from mmgen.attention import attend
 from mmgen.config import BackboneConfig
+from mmgen.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -38,10 +44,23 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
+    """RoPE angles from float32 inverse frequencies, which stay float32 when the model is cast to
+    bf16/fp16 (a half-precision inv_freq is off by radians at position 1,000)."""
+
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.frequencies(torch.device("cpu")), persistent=False)
+
+    def frequencies(self, device: torch.device) -> Tensor:
+        """(E/2,) float32 inverse frequencies θ^(−2i/E)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)  # moves (and maybe casts) inv_freq; recompute it in float32 where it went
+        self.inv_freq = self.frequencies(self.inv_freq.device)
+        return self
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions (B, T) -> cos, sin (B, 1, T, E)."""
@@ -60,84 +79,90 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @dataclass
-class KVCache:
-    """Keys/values of every layer plus the metadata the attention rule needs for each cached key.
+class Routing:
+    """Which tokens of a chunk run through the image experts. `kind`: "text" or "image" (every token one
+    way: one path, no copy), "mixed" (`text` and `image` index the flattened (B·T,) tokens; each path runs
+    on its own tokens only) or "select" (both paths over every token, `image` (B, T) picks per token: no
+    device read and static shapes, for cached chunks, which CUDA graphs capture)."""
 
-    keys[l], values[l]: (B, K, S, E); doc_id: (B, S), -1 marks an empty slot; image_id: (B, S), -1 text.
-    """
+    kind: str
+    text: Tensor | None = None
+    image: Tensor | None = None
 
-    keys: list[Tensor] = field(default_factory=list)
-    values: list[Tensor] = field(default_factory=list)
-    doc_id: Tensor | None = None
-    image_id: Tensor | None = None
-    next_position: Tensor | None = None  # (B,) RoPE position of the next token of each row
-
-    @property
-    def length(self) -> int:
-        return 0 if self.doc_id is None else self.doc_id.shape[1]
-
-    def select(self, rows: Tensor) -> KVCache:
-        """A new cache holding only the given batch rows (B',); this cache is left as it is."""
-        return KVCache(
-            [k[rows] for k in self.keys], [v[rows] for v in self.values],
-            self.doc_id[rows], self.image_id[rows], self.next_position[rows],
-        )
-
-    def drop_empty(self) -> KVCache:
-        """This cache without the slots that are empty in every row (left behind by rows that left the
-        batch); attention depends on slot order and metadata only, so the rows' outputs do not change."""
-        used = (self.doc_id >= 0).any(0)  # (S,)
-        if bool(used.all()):
-            return self
-        return KVCache(
-            [k[:, :, used] for k in self.keys], [v[:, :, used] for v in self.values],
-            self.doc_id[:, used], self.image_id[:, used], self.next_position,
-        )
-
-
-def pad_and_stack(caches: list[KVCache]) -> KVCache:
-    """Concatenate caches along the batch, right-padding shorter ones with empty (masked) slots."""
-    s = max(c.length for c in caches)
-
-    def pad(t: Tensor, fill: float, dim: int) -> Tensor:
-        amount = s - t.shape[dim]
-        if amount == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = amount
-        return torch.cat([t, t.new_full(shape, fill)], dim=dim)
-
-    n_layers = len(caches[0].keys)
-    return KVCache(
-        [torch.cat([pad(c.keys[i], 0.0, 2) for c in caches]) for i in range(n_layers)],
-        [torch.cat([pad(c.values[i], 0.0, 2) for c in caches]) for i in range(n_layers)],
-        torch.cat([pad(c.doc_id, -1, 1) for c in caches]),
-        torch.cat([pad(c.image_id, -1, 1) for c in caches]),
-        torch.cat([c.next_position for c in caches]),
-    )
+    @classmethod
+    def of(cls, image: Tensor, cached: bool) -> Routing:
+        """The routing of a chunk whose image slots are `image` (B, T) bool."""
+        if cached:
+            return cls("select", image=image)
+        where = image.flatten().nonzero().flatten()  # (n_image,): the one device read of the forward
+        if len(where) == 0:
+            return cls("text")
+        if len(where) == image.numel():
+            return cls("image")
+        return cls("mixed", (~image).flatten().nonzero().flatten(), where)
 
 
 @dataclass
 class AttentionContext:
     """What every layer reads besides its input: rotary cos/sin (B, 1, T, E), the boolean mask
-    (B, 1, T, S) and the cache of earlier keys (None: the chunk is the whole sequence)."""
+    (B, 1, T, S), the cache (None: the chunk is the whole sequence) and the image slots (B, T) bool (the
+    tokens that image experts take). With a cache, each layer writes the chunk's keys/values at `slots`
+    (T,) of its buffers and attends over their first S slots."""
 
     cos: Tensor
     sin: Tensor
     mask: Tensor
     cache: KVCache | None = None
+    slots: Tensor | None = None
+    image: Tensor | None = None
 
-    def past(self, layer: int) -> tuple[Tensor, Tensor] | None:
-        """Cached keys/values (B, K, S − T, E) of one layer, or None."""
-        return (self.cache.keys[layer], self.cache.values[layer]) if self.cache is not None else None
+    def past(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """One layer's key and value buffers (B, K, C, E) and the chunk's slots (T,) in them, or None."""
+        return (self.cache.keys[layer], self.cache.values[layer], self.slots) if self.cache is not None else None
 
     def select(self, rows: Tensor) -> AttentionContext:
-        """The same context for a subset of the batch rows (B',)."""
+        """The same context for a subset of the batch rows (B',), over a copy of their cache rows."""
         cache = self.cache.select(rows) if self.cache is not None else None
-        return AttentionContext(self.cos[rows], self.sin[rows], self.mask[rows], cache)
+        image = self.image[rows] if self.image is not None else None
+        return AttentionContext(self.cos[rows], self.sin[rows], self.mask[rows], cache, self.slots, image)
+
+    def routing(self) -> Routing:
+        """How the image experts split this chunk; raises if the context was built without image slots."""
+        if self.image is None:
+            raise ValueError("this model has image experts, but its attention context carries no image slots "
+                             "(AttentionContext.image); build contexts with MMGenModel.context, and copy `image` "
+                             "into a context rebuilt from one")
+        return Routing.of(self.image, self.cache is not None)
+
+
+def routed(text: Callable[..., tuple[Tensor, ...]], image: Callable[..., tuple[Tensor, ...]], route: Routing | None,
+           *inputs: Tensor) -> tuple[Tensor, ...]:
+    """`text(*inputs)` on text tokens and `image(*inputs)` on image slots, by `route` (None: all text).
+    Inputs are (B, T, ...), and so is each output."""
+    if route is None or route.kind == "text":
+        return text(*inputs)
+    if route.kind == "image":
+        return image(*inputs)
+    if route.kind == "select":
+        pairs = zip(text(*inputs), image(*inputs))
+        return tuple(torch.where(route.image.view(*route.image.shape, *[1] * (a.dim() - 2)), c, a) for a, c in pairs)
+    b, t = inputs[0].shape[:2]
+    flat = [x.flatten(0, 1) for x in inputs]  # (B·T, ...)
+    by_text = text(*(x[route.text] for x in flat))  # (n_text, ...)
+    by_image = image(*(x[route.image] for x in flat))  # (n_image, ...)
+    out = []
+    for a, c in zip(by_text, by_image):
+        merged = a.new_empty(b * t, *a.shape[1:])  # (B·T, ...)
+        merged.index_copy_(0, route.text, a)
+        merged.index_copy_(0, route.image, c)
+        out.append(merged.view(b, t, *a.shape[1:]))  # (B, T, ...)
+    return tuple(out)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention in two halves around the routing: `project` (weights: per modality) and
+    `joint` (RoPE, the cache, the kernel: one joint softmax over every token); `o_proj` follows."""
+
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -149,22 +174,33 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, D), mask (B, 1, T, S) -> (B, T, D) and this layer's keys/values (B, K, S, E)."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., D) -> q (..., H, E), k and v (..., K, E); q and k normed when QK-norm is on."""
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))  # (..., H, E)
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, self.head_dim))  # (..., K, E)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.head_dim))  # (..., K, E)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def joint(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+               past: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """q (B, T, H, E), k/v (B, T, K, E), mask (B, 1, T, S) -> outputs (B, T, H·E) before o_proj, and the
+        keys/values (B, K, S, E) attended to.
+
+        `past`: the cache's key and value buffers (B, K, C, E) and the slots (T,) where this chunk's
+        keys/values are written in place; attention then reads the buffers' first S slots."""
+        b, t = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, E), (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, K, S, E)
+            keys, values, slots = past
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            s = mask.shape[-1]
+            k, v = keys[:, :, :s], values[:, :, :s]  # (B, K, S, E): filled slots, this chunk (and empty ones)
         out = attend(q, k, v, mask)  # (B, H, T, E)
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H·E)
-        return self.o_proj(out), (k, v)
+        return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), (k, v)  # (B, T, H·E)
 
 
 class MLP(nn.Module):
@@ -178,7 +214,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class Block(nn.Module):
+    """One modality's weights of a decoder layer, under HF names: attention projections, MLP, both norms."""
+
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.self_attn = Attention(cfg)
@@ -186,10 +224,34 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, past):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual stream x (..., D) -> q (..., H, E), k and v (..., K, E)."""
+        return self.self_attn.project(self.input_layernorm(x))
+
+    def finish(self, x: Tensor, attended: Tensor) -> tuple[Tensor]:
+        """x (..., D) and the attention outputs (..., H·E) -> the layer's output (..., D)."""
+        x = x + self.self_attn.o_proj(attended)
+        return (x + self.mlp(self.post_attention_layernorm(x)),)
+
+
+class DecoderLayer(Block):
+    """A LLaMA layer; with `image_experts`, `image_expert` (a `Block`) takes the image slots (see `Routing`)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__(cfg)
+        self.image_expert = Block(cfg) if cfg.image_experts else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: tuple[Tensor, Tensor, Tensor] | None,
+                route: Routing | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, T, D) -> (B, T, D) and the keys/values (B, K, S, E); `route` splits the tokens between the
+        text weights and `image_expert` (None: all text)."""
+        if self.image_expert is None:
+            route = None
+        image = self.image_expert if self.image_expert is not None else self
+        q, k, v = routed(self.project, image.project, route, x)
+        attended, kv = self.self_attn.joint(q, k, v, cos, sin, mask, past)
+        (out,) = routed(self.finish, image.finish, route, x, attended)
+        return out, kv
 
 
 class LlamaModel(nn.Module):
@@ -199,22 +261,30 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # shared by both modalities (docs/pretrained.md)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.image_experts = cfg.image_experts
 
-    def context(self, positions: Tensor, mask: Tensor, cache: KVCache | None = None) -> AttentionContext:
-        """positions (B, T), mask (B, 1, T, S), an optional cache of S − T earlier keys -> the layers' context."""
+    def context(self, positions: Tensor, mask: Tensor, cache: KVCache | None = None,
+                image: Tensor | None = None) -> AttentionContext:
+        """positions (B, T), mask (B, 1, T, S), an optional cache the chunk is written to (at its
+        length, room made if needed), the image slots (B, T) bool -> the layers' context."""
         cos, sin = self.rotary(positions, self.embed_tokens.weight.dtype)
-        return AttentionContext(cos, sin, mask, cache if cache is not None and cache.length else None)
+        if cache is None:
+            return AttentionContext(cos, sin, mask, image=image)
+        t = positions.shape[1]
+        cache.reserve(cache.length + t)
+        return AttentionContext(cos, sin, mask, cache, cache.slots(t), image)
 
     def run_layers(
         self, x: Tensor, ctx: AttentionContext, start: int = 0, stop: int | None = None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Layers [start, stop) over x (B, T, D) -> their output (B, T, D), not normed, and each
-        layer's keys/values (B, K, S, E) over cache + chunk."""
+        """Layers [start, stop) over x (B, T, D) -> their output (B, T, D), not normed, and the
+        keys/values (B, K, S, E) each layer attended to (with a cache: views of its buffers)."""
         kv = []
+        route = ctx.routing() if self.image_experts else None  # which tokens the image experts take
         for i in range(start, len(self.layers) if stop is None else stop):
-            x, layer_kv = self.layers[i](x, ctx.cos, ctx.sin, ctx.mask, ctx.past(i))
+            x, layer_kv = self.layers[i](x, ctx.cos, ctx.sin, ctx.mask, ctx.past(i), route)
             kv.append(layer_kv)
         return x, kv
 

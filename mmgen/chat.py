@@ -87,13 +87,15 @@ class Chat:
         self.defaults = defaults or GenerationOptions(max_new_tokens=48, temperature=0.0, max_images=1)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path | None = None, device: str | torch.device = "cpu") -> Chat:
-        """Load a model directory (`config.json`, `model.safetensors`, `tokenizer.model`); None: the bundled model."""
+    def from_pretrained(cls, directory: str | Path | None = None, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> Chat:
+        """Load a model directory (`config.json`, `model.safetensors`, `tokenizer.model`); None: the bundled model.
+        `dtype` casts the weights ("bf16", "fp16", "fp32"; None: as stored; an unknown name is an OptionError)."""
         d = Path(directory) if directory is not None else DEFAULT_MODEL
         if not (d / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{d} is not a model directory (no config.json); give the output directory of "
                                     "`mmgen train`, or no path for the bundled model")
-        return cls(Pipeline.from_pretrained(d, device))
+        return cls(Pipeline.from_pretrained(d, device, dtype))
 
     @property
     def image_size(self) -> int:

@@ -13,12 +13,13 @@ Unicode (`check_text`): a lone surrogate such as "\udc80" is an error naming the
 character, never silently replaced, since a changed prompt is worse than a refused one.
 
 Training and inference render through the same function (`render`); training samples end with
-`<eos>` after the last `<|end|>`, generation stops at `<|end|>`.
+`<eos>` after the last `<|end|>`, generation stops at `<|end|>`. `assistant_targets` marks the tokens
+of assistant turns, the only LM targets of a source with `loss_on: assistant`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,23 @@ def render(messages: Sequence[Message], tokenizer, image: Callable[[Any], Tensor
     if generation_prompt:
         sample.append([tokenizer.assistant_id])
     return sample
+
+
+def assistant_targets(ids: Iterable[int], tokenizer) -> list[bool]:
+    """Per token of a rendered conversation, whether it is an LM target when only assistant turns are
+    trained: the content of each assistant turn (text, `<boi>`, image slots) and its closing `<|end|>`. Role
+    markers, user turns, `<bos>` and the final `<eos>` are not (the template writes them, not the model).
+
+    Args:
+        ids: the token ids of a sample rendered by `render` (`SequenceBuilder.tokens`).
+        tokenizer: has `user_id`, `assistant_id`, `end_id`.
+    """
+    out, inside = [], False
+    for t in ids:
+        if t in (tokenizer.user_id, tokenizer.assistant_id):
+            out.append(False)
+            inside = t == tokenizer.assistant_id
+            continue
+        out.append(inside)
+        inside = inside and t != tokenizer.end_id
+    return out

@@ -1,8 +1,10 @@
 """Hugging Face Llama / Qwen2 weights into an mmgen model, through one declarative key map.
 
 Reads a local HF directory (`config.json` + `*.safetensors`, sharded or not); pickled `.bin`
-checkpoints are refused. mmgen's own save / load is `MMGenModel.save_pretrained` /
-`from_pretrained` (`mmgen.files`).
+checkpoints are refused. Rows the mmgen vocabulary adds (its control tokens) start as the mean of the
+checkpoint's rows (`mmgen train --model.init_from=DIR`: `mmgen.train.init_from`); image experts (LMFusion), if
+the model has them, start as copies of the loaded text weights. mmgen's own save / load is
+`MMGenModel.save_pretrained` / `from_pretrained` (`mmgen.files`); the way back out is `mmgen.export_hf`.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ def read_hf_config(directory: str | Path) -> BackboneConfig:
 
 
 def load_hf_llama(model: MMGenModel, directory: str | Path) -> None:
-    """Copy a local HF Llama checkpoint (config.json + *.safetensors, sharded or not) into `model`'s
-    backbone. The backbone config must match; a larger mmgen vocabulary keeps its extra rows (the
-    special tokens mmgen adds) and takes the HF rows for the rest."""
+    """Copy a local HF Llama / Qwen2 checkpoint (config.json + *.safetensors, sharded or not) into `model`'s
+    backbone. The backbone config must match; in a larger mmgen vocabulary the first rows of the embedding
+    and LM head are the HF rows, the extra ones (the control tokens mmgen appends) their mean."""
     d = Path(directory)
     hf_cfg = read_hf_config(d)
     ours = model.config.backbone
@@ -83,5 +85,19 @@ def load_hf_llama(model: MMGenModel, directory: str | Path) -> None:
             src, dst = state[hf_name], params[name]
             if src.shape[0] != dst.shape[0] and name in ("model.embed_tokens.weight", "lm_head.weight"):
                 dst[: src.shape[0]].copy_(src)
+                dst[src.shape[0] :] = src.mean(0)  # appended tokens: the mean of the checkpoint's rows
             else:
                 dst.copy_(src)
+    if ours.image_experts:
+        copy_text_to_experts(model)
+
+
+@torch.no_grad()
+def copy_text_to_experts(model: MMGenModel) -> None:
+    """Set every layer's image expert (LMFusion) to a copy of that layer's text weights."""
+    for layer in model.model.layers:
+        expert = dict(layer.image_expert.named_parameters())
+        for name, p in layer.named_parameters():
+            if not name.startswith("image_expert."):
+                expert[name].copy_(p)
+

@@ -1,5 +1,5 @@
-"""`mmgen train | train-text-tokenizer | generate | caption | chat | serve | train-tokenizer | compare-tokenizers`:
-the command-line entry points.
+"""`mmgen train | train-text-tokenizer | generate | caption | chat | serve | export-hf | train-tokenizer |
+compare-tokenizers`: the command-line entry points.
 
 Outputs are checked before any work starts. A failure mmgen expects (its errors, a file that cannot be
 read or written) prints one paragraph `error: ...` and exits with status 2; Ctrl-C exits with 130; a
@@ -17,7 +17,8 @@ from pathlib import Path
 from mmgen.arguments import Parser, integer, positive, shift, text
 from mmgen.diffusion.samplers import SAMPLERS
 from mmgen.errors import InputError, ModelFileError, OptionError
-from mmgen.files import CONFIG_FILE, atomic_write, save_image_grid
+from mmgen.export_hf import add_export_parser
+from mmgen.files import CONFIG_FILE, DTYPES, atomic_write, load_device, save_image_grid
 from mmgen.outputs import check_output_dir, check_output_file, exit_on_error, output_error
 from mmgen.sampling import MAX_SEED
 from mmgen.serve.cli import add_serve_parser
@@ -25,6 +26,7 @@ from mmgen.serve.cli import add_serve_parser
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)") -> None:
     p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
+    add_load_args(p)
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     p.add_argument("--steps", type=integer(1), default=None,
                    help="denoising steps (default: 25 in the backbone; the MLP head's own per token for hybrid/mar)")
@@ -51,6 +53,13 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperat
     p.add_argument("--top-k", type=integer(0), default=0)
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype: where the model loads and the dtype of its weights (see docs/generation_speed.md)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="weights' dtype: bf16 on GPUs that have it (norms and softmax stay fp32 inside)")
+
+
 def _options(args, **overrides):
     from mmgen.diffusion.guidance import Guidance
     from mmgen.generation import GenerationOptions
@@ -68,15 +77,16 @@ def _options(args, **overrides):
     return GenerationOptions(**{**kw, **overrides})
 
 
-def _load(directory: str | None):
+def _load(args):
     from mmgen.assets import DEFAULT_MODEL
     from mmgen.pipeline import Pipeline
 
-    d = Path(directory) if directory else DEFAULT_MODEL
+    device = load_device(args.device)  # a bad --device fails before the files are read
+    d = Path(args.model) if args.model else DEFAULT_MODEL
     if not (d / CONFIG_FILE).is_file():
         raise ModelFileError(f"{d} is not a model directory (no config.json); give the output directory of "
                              "`mmgen train`, or leave out --model for the bundled model")
-    return Pipeline.from_pretrained(d)
+    return Pipeline.from_pretrained(d, device, args.dtype)
 
 
 def _image_format(path: Path, grid: bool) -> str:
@@ -104,7 +114,7 @@ def cmd_generate(args) -> None:
         check_output_file(path, "-o", create=False)
     fmt = _image_format(out, args.grid and args.n > 1)
     options = _options(args)
-    pipe = _load(args.model)
+    pipe = _load(args)
     with _progress(args.steps, "draw") as tick:  # the n images are drawn together, one tick per step
         images = pipe.draw([args.prompt] * args.n, options, seed=args.seed, progress=tick)
     target = out
@@ -127,7 +137,7 @@ def cmd_caption(args) -> None:
     one is reported on stderr, and then the command fails (status 2)."""
     options = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
                        max_images=0)
-    pipe = _load(args.model)
+    pipe = _load(args)
     readable = []
     for path in args.images:
         try:
@@ -200,7 +210,7 @@ def cmd_chat(args) -> None:
 
     check_output_dir(args.out_dir, "--out-dir", create=False)  # made when the first image is saved
     defaults = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0)
-    run(Chat(_load(args.model), defaults), args.message or None, args.out_dir, scale=args.scale, seed=args.seed)
+    run(Chat(_load(args), defaults), args.message or None, args.out_dir, scale=args.scale, seed=args.seed)
 
 
 class _progress:
@@ -288,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, temperature="text temperature (default 0 = greedy)")
     p.set_defaults(fn=cmd_chat)
     add_serve_parser(sub)
+    add_export_parser(sub)
     _add_image_tokenizer_commands(sub)
     return parser
 

@@ -48,6 +48,7 @@ class BackboneConfig:
     attention_bias: bool = False  # Qwen2-style q/k/v biases
     qk_norm: bool = False  # Chameleon / Qwen3-style per-head RMSNorm on q and k
     initializer_range: float = 0.02
+    image_experts: bool = False  # LMFusion: image slots run through their own copy of each layer's weights
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

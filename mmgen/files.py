@@ -10,6 +10,7 @@ file and the fix in a `ModelFileError`. This module imports no other mmgen modul
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -26,12 +27,52 @@ from safetensors.torch import save_model as _safetensors_save_model
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
-from mmgen.errors import ModelFileError
+from mmgen.errors import ModelFileError, OptionError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece text tokenizer next to a model's weights
 TOKENIZER_DIGEST = "tokenizer_sha256"  # weights-header key: the SHA-256 of the tokenizer saved with them
+
+
+def files_digest(files: dict[str, bytes]) -> str:
+    """The SHA-256 that identifies a text tokenizer's files (name -> bytes): of the bytes of a single file
+    (so a SentencePiece `tokenizer.model` keeps the digest it always had), else of each file's name and
+    SHA-256, sorted by name."""
+    if len(files) == 1:
+        return hashlib.sha256(next(iter(files.values()))).hexdigest()
+    lines = "".join(f"{name}\0{hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(files.items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+# -- weight dtypes ---------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def weight_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype to cast loaded weights to: a name of DTYPES, one of its torch dtypes, or None (as stored)."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise OptionError(f"dtype = {dtype!r:.40}: must be one of {', '.join(DTYPES)} (bf16 for inference on GPUs "
+                      "that have it, fp16 on older ones, fp32 on CPUs), a matching torch dtype, or None for "
+                      "the weights as stored")
+
+
+def load_device(device: str | torch.device) -> torch.device:
+    """Where to load a model: "auto" is CUDA when this machine has it, else the CPU; other names as torch reads
+    them. Raises OptionError for a name torch does not know or a CUDA device this machine lacks."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device = {device!r:.40}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if out.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device = {device!r}: this machine (or this torch build) has no CUDA device; use cpu or auto")
+    return out
 
 
 # -- atomic writes ---------------------------------------------------------------------------------
@@ -108,8 +149,10 @@ def save_directory(directory: str | Path, config: dict[str, Any], module: nn.Mod
 
 
 def load_directory(directory: str | Path, build: Callable[[dict[str, Any]], nn.Module],
-                   device: str | torch.device = "cpu", what: str = "mmgen model") -> nn.Module:
-    """Rebuild a module saved by `save_directory`: `build(config dict)`, then its weights, in eval mode.
+                   device: str | torch.device = "cpu", what: str = "mmgen model",
+                   dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Rebuild a module saved by `save_directory`: `build(config dict)`, then its weights, in eval mode,
+    on `device` and cast to `dtype` (see `weight_dtype`; checked before any file is read).
 
     Every file is checked before use: config.json must be a UTF-8 JSON object that `build` accepts
     without making more parameters than the weights file holds, model.safetensors a complete
@@ -125,6 +168,7 @@ def load_directory(directory: str | Path, build: Callable[[dict[str, Any]], nn.M
         ModelFileError: a file is corrupt, malformed, or does not belong with the other (the message
             names the file, the field or tensors, and the fix).
     """
+    dtype = weight_dtype(dtype)
     d = Path(directory)
     if not d.exists():
         raise FileNotFoundError(f"{what} directory {d} does not exist")
@@ -140,7 +184,7 @@ def load_directory(directory: str | Path, build: Callable[[dict[str, Any]], nn.M
     check_weights_fit(module, header, weights, config)
     load_model(module, str(weights), strict=True, device=str(device))
     check_finite(module, weights)
-    return module.to(device).eval()
+    return module.to(device=device, dtype=dtype).eval()
 
 
 class _TooLarge(Exception):

@@ -9,6 +9,9 @@ A final clean pass writes the finished image into the cache, <eoi> follows and t
 iterator early stops the work at the next event. Rows end on their own (<eos>, their token limit,
 the context), and a `Feed` can end rows and add new ones between decode steps (continuous
 batching, as `mmgen serve` does); ended rows leave the batch, so they cost nothing afterwards.
+A decode step reads the device once (the batch's tokens with its positions: streaming needs the
+tokens); limits and ends are decided on the host from that. The prefill reserves the cache for the
+request (`mmgen.kv_cache`), so the steps keep static shapes and are captured on CUDA (`mmgen.capture`).
 
 Shapes: B rows, R rows drawing an image, L tokens per image, C/H/W image, V vocab.
 """
@@ -22,10 +25,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from mmgen.backbone import KVCache, pad_and_stack
 from mmgen.errors import InputError, OptionError, check_number
 from mmgen.events import Done, Event, ImageDone, ImageStart, ImageStep, RowDone, Token, relay
 from mmgen.interfaces.base import DrawRequest
+from mmgen.kv_cache import KVCache, pad_and_stack
 from mmgen.model import MMGenModel
 from mmgen.sampling import MAX_SEED, GenerationOptions, sample_token
 from mmgen.sequence import SequenceBuilder
@@ -61,7 +64,8 @@ class Feed(Protocol):
 @dataclass
 class _Rows:
     """The rows running in one generation call, one batch slot each (B slots). `ids` are the row
-    numbers that events and `outputs` use; a row's slot changes as other rows leave or join."""
+    numbers that events and `outputs` use; a row's slot changes as other rows leave or join. What the
+    host decides on (limits, ends, positions) is kept on the host, refreshed by one read per step."""
 
     ids: list[int]
     cache: KVCache
@@ -69,18 +73,20 @@ class _Rows:
     seeds: list[int]
     generators: list[torch.Generator]
     forced: Tensor  # (B,) a token to emit next instead of sampling (-1: none)
-    done: Tensor  # (B,) bool: the row ended this step; it leaves the batch before the next
     n_images: Tensor  # (B,) images drawn so far
-    left: Tensor  # (B,) decode steps left before the row ends with "length"
+    done: list[bool]  # the row ended this step; it leaves the batch before the next
+    left: list[int]  # decode steps left before the row ends with "length"
+    positions: list[int]  # the host's copy of cache.next_position as of the last read
     outputs: list[list]  # per row id (ended rows too), the generated segments
 
-    def select(self, keep: Tensor) -> _Rows:
-        """Only the slots where `keep` (B,) is True; cache slots no remaining row uses are dropped."""
-        idx = keep.nonzero().flatten()
-        pick = idx.tolist()
+    def select(self, keep: list[bool]) -> _Rows:
+        """Only the slots where `keep` is True; cache slots no remaining row uses are dropped."""
+        pick = [i for i, k in enumerate(keep) if k]
+        idx = torch.tensor(pick, dtype=torch.long, device=self.last.device)
         return _Rows([self.ids[i] for i in pick], self.cache.select(idx).drop_empty(), self.last[idx],
                      [self.seeds[i] for i in pick], [self.generators[i] for i in pick], self.forced[idx],
-                     self.done[idx], self.n_images[idx], self.left[idx], self.outputs)
+                     self.n_images[idx], [self.done[i] for i in pick], [self.left[i] for i in pick],
+                     [self.positions[i] for i in pick], self.outputs)
 
     def merge(self, new: _Rows) -> _Rows:
         """These rows followed by `new` (whose ids continue this call's numbering) in one batch."""
@@ -89,8 +95,8 @@ class _Rows:
             return _Rows(**{**vars(new), "outputs": outputs})
         return _Rows(self.ids + new.ids, pad_and_stack([self.cache, new.cache]), torch.cat([self.last, new.last]),
                      self.seeds + new.seeds, self.generators + new.generators, torch.cat([self.forced, new.forced]),
-                     torch.cat([self.done, new.done]), torch.cat([self.n_images, new.n_images]),
-                     torch.cat([self.left, new.left]), outputs)
+                     torch.cat([self.n_images, new.n_images]), self.done + new.done, self.left + new.left,
+                     self.positions + new.positions, outputs)
 
 
 class Engine:
@@ -106,7 +112,8 @@ class Engine:
         self.builder = builder
         self.tok = builder.tok
         self.step_cache = None  # First Block Cache statistics of the last image drawn with one
-        self.banned = [self.tok.pad_id, self.tok.bos_id, self.tok.eoi_id, getattr(self.tok, "unk_id", self.tok.pad_id)]
+        self.banned = torch.tensor([self.tok.pad_id, self.tok.bos_id, self.tok.eoi_id,
+                                    getattr(self.tok, "unk_id", self.tok.pad_id)], device=model.device)
         self.image_room = model.config.image.tokens_per_image + 2  # <boi> image <eoi>
 
     def null_prefix(self) -> tuple[KVCache, Tensor]:
@@ -147,7 +154,7 @@ class Engine:
         opts = options or GenerationOptions()
         image_opts = self.model.image.options(opts)  # checked before any work
         rows = self._start(prompts, opts, seed, force_image, max_new_tokens)
-        ends = torch.tensor(sorted({self.tok.eos_id, *stop}), device=self.model.device)
+        ends = {self.tok.eos_id, *stop}
         while True:
             rows = yield from self._settle(rows, feed)
             joins = feed.joins(len(rows.ids)) if feed is not None else ()
@@ -159,17 +166,19 @@ class Engine:
             if not rows.ids:
                 break
             nxt = self._next_tokens(rows, opts)  # every row in the batch is running
-            ended = torch.isin(nxt, ends)
-            for i, (row, token) in enumerate(zip(rows.ids, nxt.tolist())):
-                if ended[i]:
+            tokens, rows.positions = torch.stack([nxt, rows.cache.next_position]).tolist()  # the step's one read
+            drawing = []
+            for i, (row, token) in enumerate(zip(rows.ids, tokens)):
+                rows.left[i] -= 1
+                if token in ends:
+                    rows.done[i] = True
                     yield RowDone(row, "stop")
-                elif token not in (self.tok.boi_id, self.tok.eoi_id):
+                elif token == self.tok.boi_id:
+                    drawing.append(i)
+                elif token != self.tok.eoi_id:
                     _append_token(rows.outputs[row], token)
                     yield Token(row, token)
-            rows.done |= ended
-            rows.left -= 1
-            drawing = nxt == self.tok.boi_id
-            if drawing.any():
+            if drawing:
                 yield from self._draw(rows, drawing, image_opts)
         yield Done(rows.outputs)
 
@@ -177,14 +186,14 @@ class Engine:
         """End the rows out of steps or context ("length") and those the feed cancels; return the
         batch without the rows that ended."""
         max_pos = self.model.config.backbone.max_position_embeddings
-        length = (rows.left <= 0) | (rows.cache.next_position >= max_pos)
         cancelled = set(feed.cancelled()) if feed is not None else set()
         for i, row in enumerate(rows.ids):
-            reason = "cancelled" if row in cancelled else "length" if length[i] else None
+            length = rows.left[i] <= 0 or rows.positions[i] >= max_pos
+            reason = "cancelled" if row in cancelled else "length" if length else None
             if reason and not rows.done[i]:
                 rows.done[i] = True
                 yield RowDone(row, reason)
-        return rows.select(~rows.done) if rows.done.any() else rows
+        return rows.select([not d for d in rows.done]) if any(rows.done) else rows
 
     def _start(self, prompts: Sequence[Prompt], opts: GenerationOptions, seed: int | Sequence[int],
                force_image: bool | Sequence[bool], max_new_tokens: Sequence[int] | None, first: int = 0) -> _Rows:
@@ -207,12 +216,14 @@ class Engine:
             raise ValueError(f"{len(force)} force_image flags for {b} prompts")
         if any(force) and opts.max_images < 1:
             raise ValueError("force_image needs max_images >= 1")
-        cache, last = m.prefill(self.builder(prompts, add_eos=False))
         max_pos = m.config.backbone.max_position_embeddings
+        room = min(max(limits) + opts.max_images * m.config.image.tokens_per_image, max_pos)  # decoding never grows it
+        cache, last = m.prefill(self.builder(prompts, add_eos=False), room)
+        positions = cache.next_position.tolist()
         for i, f in enumerate(force):
-            if f and int(cache.next_position[i]) + self.image_room > max_pos:
+            if f and positions[i] + self.image_room > max_pos:
                 raise ValueError(
-                    f"prompt {first + i} is {int(cache.next_position[i])} tokens long: an image needs "
+                    f"prompt {first + i} is {positions[i]} tokens long: an image needs "
                     f"{self.image_room} more positions and the model holds {max_pos}; shorten the prompt"
                 )
         dev = m.device
@@ -220,50 +231,54 @@ class Engine:
             list(range(first, first + b)), cache, last, seeds,
             [torch.Generator(device=dev).manual_seed(s) for s in seeds],
             forced=torch.tensor([self.tok.boi_id if f else -1 for f in force], device=dev),
-            done=torch.zeros(b, dtype=torch.bool, device=dev), n_images=torch.zeros(b, dtype=torch.long, device=dev),
-            left=torch.tensor(limits, dtype=torch.long, device=dev), outputs=[[] for _ in range(b)],
+            n_images=torch.zeros(b, dtype=torch.long, device=dev), done=[False] * b, left=list(limits),
+            positions=positions, outputs=[[] for _ in range(b)],
         )
 
     def _next_tokens(self, rows: _Rows, opts: GenerationOptions) -> Tensor:
-        """Sample (or take the forced) next token of every row (B,) and feed it to the cache."""
+        """Sample (or take the forced) next token of every row (B,) and feed it to the cache; reads no
+        device value (the step's tokens are read once by the caller)."""
         m = self.model
         logits = m.logits(rows.last).float()  # (B, V)
-        logits[:, self.banned] = float("-inf")
+        logits.index_fill_(1, self.banned.to(logits.device), float("-inf"))
         max_pos = m.config.backbone.max_position_embeddings
         no_image = (rows.n_images >= opts.max_images) | (rows.cache.next_position + self.image_room > max_pos)
-        logits[no_image, self.tok.boi_id] = float("-inf")
+        logits[:, self.tok.boi_id] = logits[:, self.tok.boi_id].masked_fill(no_image, float("-inf"))
         sampled = sample_token(logits, rows.generators, opts.temperature, opts.top_k, opts.top_p, opts.min_p)
         nxt = torch.where(rows.forced >= 0, rows.forced, sampled)
         rows.forced.fill_(-1)
-        x = m.embed(nxt[:, None], nxt.new_full((len(nxt), 1), -1), None)  # (B, 1, D)
-        rows.last = m.extend(rows.cache, x, torch.ones_like(rows.done), False)[:, -1]
+        everyone = torch.ones(len(nxt), dtype=torch.bool, device=nxt.device)
+        rows.last = m.extend(rows.cache, m.embed(nxt[:, None]), everyone, False)[:, -1]  # (B, D)
         return nxt
 
-    def _draw(self, rows: _Rows, drawing: Tensor, image_opts) -> Iterator[Event]:
-        """Draw one image for each row in `drawing` (B,) bool through the interface, commit it to the
-        cache (the clean pass), and force <eoi> next."""
+    def _draw(self, rows: _Rows, drawing: list[int], image_opts) -> Iterator[Event]:
+        """Draw one image for each row slot in `drawing` through the interface, commit it to the cache
+        (the clean pass), and force <eoi> next."""
         m = self.model
-        idx = drawing.nonzero().flatten()
-        slots = idx.tolist()
-        which = [rows.ids[i] for i in slots]  # row numbers
+        idx = torch.tensor(drawing, dtype=torch.long, device=rows.last.device)  # (R,)
+        which = [rows.ids[i] for i in drawing]  # row numbers
         yield ImageStart(which)
+        counts = rows.n_images[idx].tolist()
         request = DrawRequest(
             m, rows.cache.select(idx), rows.last[idx], self.null_prefix, image_opts,
-            [rows.generators[i] for i in slots],
-            [rows.seeds[i] * 1_000_003 + int(rows.n_images[i]) for i in slots],  # one noise path per row and image
+            [rows.generators[i] for i in drawing],
+            [rows.seeds[i] * 1_000_003 + n for i, n in zip(drawing, counts)],  # one noise path per row and image
         )
         tokens = yield from relay(m.image.draw(request), lambda e: ImageStep([which[i] for i in e.rows], e.step,
                                                                             e.steps, e.denoised))
         self.step_cache = request.step_cache
         embedded = m.embed_drawn(tokens)  # (R, L, D), as the model reads images
-        full = embedded.new_zeros(len(drawing), *embedded.shape[1:])  # rows not drawing get masked slots
+        full = embedded.new_zeros(len(rows.ids), *embedded.shape[1:])  # rows not drawing get masked slots
         full[idx] = embedded
-        m.extend(rows.cache, full, drawing, True)  # the clean pass
+        mask = torch.zeros(len(rows.ids), dtype=torch.bool, device=idx.device)
+        mask[idx] = True
+        m.extend(rows.cache, full, mask, True)  # the clean pass
+        rows.positions = rows.cache.next_position.tolist()
         for i, image in zip(which, m.decode_images(tokens)):
             rows.outputs[i].append(image)
             yield ImageDone(i, image)
-        rows.n_images += drawing.long()
-        rows.forced = torch.where(drawing, self.tok.eoi_id, rows.forced)
+        rows.n_images += mask.long()
+        rows.forced = torch.where(mask, self.tok.eoi_id, rows.forced)
 
 
 def _append_token(segments: list, token: int) -> None:

@@ -10,19 +10,21 @@ Shapes: B batch, T tokens, D hidden, N images in the batch, L tokens per image, 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmgen.backbone import AttentionContext, KVCache, LlamaModel
+from mmgen import capture
+from mmgen.attention import block_mask, kernel_for
+from mmgen.backbone import AttentionContext, LlamaModel
 from mmgen.config import ModelConfig
-from mmgen.files import TOKENIZER_DIGEST, TOKENIZER_FILE, load_directory, save_directory
+from mmgen.files import TOKENIZER_DIGEST, load_directory, save_directory
 from mmgen.interfaces.registry import build_interface
 from mmgen.interfaces.understanding import carried_files, use_carried_files
-from mmgen.sequence import IGNORE, SequenceBatch, attention_mask
+from mmgen.kv_cache import KVCache
+from mmgen.sequence import IGNORE, SequenceBatch, attention_mask, mask_mod
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
 
 
@@ -121,29 +123,36 @@ class MMGenModel(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def embed(self, ids: Tensor, image_id: Tensor, image_tokens: Tensor | None) -> Tensor:
+    def embed(self, ids: Tensor, image_id: Tensor | None = None, image_tokens: Tensor | None = None) -> Tensor:
         """Token embeddings (B, T, D), with slots where image_id >= 0 filled from image_tokens (N, L, D)
-        in reading order."""
+        in reading order. Without image_id the ids are text only (a decode step: nothing to check and
+        no device read); with it the slot count is checked against the image tokens."""
         x = self.model.embed_tokens(ids)
-        slots = image_id >= 0
-        if image_tokens is None or image_tokens.numel() == 0:
-            if slots.any():
-                raise ValueError("the sequence has image slots but no image tokens were given")
+        if image_id is None:
             return x
-        if slots.sum().item() != image_tokens.shape[0] * image_tokens.shape[1]:
-            raise ValueError(
-                f"{slots.sum().item()} image slots but {image_tokens.shape[0]}×{image_tokens.shape[1]} image tokens"
-            )
-        return x.masked_scatter(slots[..., None], image_tokens.to(x.dtype))
+        slots = image_id >= 0
+        given = 0 if image_tokens is None else image_tokens.shape[0] * image_tokens.shape[1]
+        found = int(slots.sum())
+        if found != given:
+            raise ValueError(f"the sequence has {found} image slots but {given} image token(s) were given "
+                             f"({'none' if image_tokens is None else tuple(image_tokens.shape[:2])}); "
+                             "build it with SequenceBuilder and pass its images' tokens")
+        return x.masked_scatter(slots[..., None], image_tokens.to(x.dtype)) if given else x
 
-    def context(self, positions: Tensor, doc_id: Tensor, image_id: Tensor, cache: KVCache | None = None
-                ) -> AttentionContext:
+    def context(self, positions: Tensor, doc_id: Tensor, image_id: Tensor, cache: KVCache | None = None,
+                attention: str = "dense") -> AttentionContext:
         """The backbone's attention context for a chunk (B, T) after `cache` (if any): the attention
         rule of `mmgen.sequence` (images attend bidirectionally inside themselves unless the interface
-        is causal), rotary positions, and the cache."""
+        is causal), rotary positions, and the cache.
+
+        Args:
+            attention: the kernel of an uncached chunk (`mmgen.attention.kernel_for`): "dense" (a boolean
+                mask), "flex" (a FlexAttention block mask built once here; CUDA for training) or "auto"
+                (flex on CUDA, dense elsewhere). A chunk after a cache always takes the dense mask.
+        """
         max_pos = self.config.backbone.max_position_embeddings
-        real = positions[doc_id >= 0]
-        if real.numel() and real.max().item() >= max_pos:
+        real = positions[doc_id >= 0] if cache is None else None  # cached chunks: kept in range by the engine
+        if real is not None and real.numel() and real.max().item() >= max_pos:  # (a per-step device read spared)
             raise ValueError(
                 f"sequence reaches position {real.max().item()}, over the model's maximum of {max_pos} tokens"
             )
@@ -153,9 +162,11 @@ class MMGenModel(nn.Module):
             k_doc = torch.cat([cache.doc_id, doc_id], 1)
             k_img = torch.full_like(k_doc, -1) if causal else torch.cat([cache.image_id, image_id], 1)
             mask = attention_mask(doc_id, q_img, k_doc, k_img, offset=cache.length)
+        elif kernel_for(attention, doc_id.device) == "flex":
+            mask = block_mask(mask_mod(doc_id, q_img), *doc_id.shape, doc_id.device)
         else:
             mask = attention_mask(doc_id, q_img, doc_id, q_img)
-        return self.model.context(positions, mask, cache)
+        return self.model.context(positions, mask, cache, image_id >= 0)  # image slots: the image experts'
 
     def forward(
         self, x: Tensor, positions: Tensor, doc_id: Tensor, image_id: Tensor, cache: KVCache | None = None
@@ -169,30 +180,29 @@ class MMGenModel(nn.Module):
     # -- the KV cache during generation ----------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, batch: SequenceBatch) -> tuple[KVCache, Tensor]:
-        """Run prompts (images in them clean) into a fresh cache; returns it and each row's last hidden (B, D)."""
+    def prefill(self, batch: SequenceBatch, room: int = 0) -> tuple[KVCache, Tensor]:
+        """Run prompts (images in them clean) into a fresh cache with capacity for `room` more slots (size it
+        from the request, and decoding never grows it); returns it and each row's last hidden state (B, D)."""
+        images = batch.images.shape[0]
         batch = batch.to(self.device)
-        tokens = self.read_images(batch.images) if batch.images.shape[0] else None
+        tokens = self.read_images(batch.images) if images else None
         hidden, kv = self(self.embed(batch.ids, batch.image_id, tokens), batch.positions, batch.doc_id, batch.image_id)
-        lengths = (batch.doc_id >= 0).sum(1)
-        cache = KVCache([k for k, _ in kv], [v for _, v in kv], batch.doc_id, batch.image_id, lengths)
-        return cache, hidden[torch.arange(len(lengths)), lengths - 1]
+        lengths = (batch.doc_id >= 0).sum(1)  # (B,)
+        cache = KVCache.filled(kv, batch.doc_id, batch.image_id, lengths, images, room)
+        return cache, hidden[torch.arange(len(lengths), device=hidden.device), lengths - 1]
 
     @torch.no_grad()
     def extend(self, cache: KVCache, x: Tensor, active: Tensor, image: bool) -> Tensor:
-        """Append embeddings x (B, T, D) to the cache for the `active` rows (B,) (others get masked
-        slots) and return their hidden states (B, T, D). `image` marks the chunk as one image."""
+        """Write embeddings x (B, T, D) into the cache in place for the `active` rows (B,) (others get empty
+        slots) and return their hidden states (B, T, D). `image` marks the chunk as one image. No device
+        value is read, and single-token steps are captured on CUDA (`mmgen.capture`)."""
         b, t, _ = x.shape
-        doc = torch.where(active, 0, -1)[:, None].expand(b, t)
-        image_id = torch.full((b, t), int(cache.image_id.max()) + 1 if image else -1, device=x.device)
-        image_id = torch.where(doc >= 0, image_id, -1)
-        positions = cache.next_position[:, None] + torch.arange(t, device=x.device)
+        doc = torch.where(active, 0, -1)[:, None].expand(b, t)  # (B, T)
+        image_id = torch.where(doc >= 0, cache.images, -1) if image else torch.full_like(doc, -1)  # (B, T)
+        positions = cache.next_position[:, None] + torch.arange(t, device=x.device)  # (B, T)
         positions = torch.where(doc >= 0, positions, 0)  # masked slots of finished rows take no position
-        hidden, kv = self(x, positions, doc, image_id, cache)
-        cache.keys, cache.values = [k for k, _ in kv], [v for _, v in kv]
-        cache.doc_id = torch.cat([cache.doc_id, doc], 1)
-        cache.image_id = torch.cat([cache.image_id, image_id], 1)
-        cache.next_position = cache.next_position + active.long() * t
+        hidden = capture.run(self.model, x, self.context(positions, doc, image_id, cache))
+        cache.commit(doc, image_id, active.long() * t, image)
         return hidden
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -200,8 +210,9 @@ class MMGenModel(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
 
-    def loss(self, batch: SequenceBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """L = L_LM + λ·L_image on one batch (DESIGN §4).
+    def loss(self, batch: SequenceBatch, generator: torch.Generator | None = None, attention: str = "dense"
+             ) -> dict[str, Tensor]:
+        """L = L_LM + λ·L_image on one batch (DESIGN §4); `attention` picks the kernel (see `context`).
 
         Returns differentiable sums and their counts, so a data-parallel trainer can normalize by
         global counts (total = lm_sum / Σtokens + image_sum / Σimages), and the local means:
@@ -219,7 +230,8 @@ class MMGenModel(nn.Module):
             inputs, ctx = self.train_image_inputs(batch.images.to(self.device), batch.image_conditions,
                                                   generator)  # (N, L, D)
         x = self.embed(batch.ids, batch.image_id, inputs)
-        hidden, _ = self(x, batch.positions, batch.doc_id, batch.image_id)
+        rule = self.context(batch.positions, batch.doc_id, batch.image_id, attention=attention)
+        hidden, _ = self.model(x, rule)
 
         labelled = batch.labels != IGNORE
         logits = self.logits(hidden[labelled]).float()  # (M, V)
@@ -249,22 +261,25 @@ class MMGenModel(nn.Module):
     # -- persistence (see mmgen.files) -----------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """Write model.safetensors, `tokenizer.model` (when a text tokenizer is given: anything with
-        `model_proto` bytes), then config.json, each atomically. The weights' header records the
-        tokenizer's SHA-256 (`TOKENIZER_DIGEST`), so loading can tell that the two belong together. A frozen
+        """Write model.safetensors, the text tokenizer's files (when one is given: see
+        `mmgen.tokenizers.text_contract`), then config.json, each atomically. The weights' header records the
+        tokenizer's digest (`TOKENIZER_DIGEST`), so loading can tell that the two belong together. A frozen
         vision encoder (understanding_input "encoder") travels too: its weights in model.safetensors, its
         Hugging Face config in `understanding_encoder.json`."""
         extra = carried_files(self.image.understanding)
         if tokenizer is None:
             save_directory(directory, self.config.to_dict(), self, extra)
             return
-        save_directory(directory, self.config.to_dict(), self, {**extra, TOKENIZER_FILE: tokenizer.model_proto},
-                       metadata={TOKENIZER_DIGEST: hashlib.sha256(tokenizer.model_proto).hexdigest()})
+        save_directory(directory, self.config.to_dict(), self, {**extra, **tokenizer.files()},
+                       metadata={TOKENIZER_DIGEST: tokenizer.digest()})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MMGenModel:
-        """Rebuild a model saved by `save_pretrained`, in eval mode. Every file is checked first: a missing one
-        raises FileNotFoundError; a config.json of wrong keys, types or values, or a model.safetensors that is
-        corrupt or of another model, raises ModelFileError naming the file, the field or tensors, and the fix."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> MMGenModel:
+        """Rebuild a model saved by `save_pretrained`, in eval mode, its weights cast to `dtype` ("bf16", "fp16",
+        "fp32" or a torch dtype; None: as stored). Norms, softmax, RoPE angles and sampling stay float32 inside.
+        Every file is checked first: a missing one raises FileNotFoundError; a config.json of wrong keys, types or
+        values, or a model.safetensors that is corrupt or of another model, raises ModelFileError naming the file,
+        the field or tensors, and the fix; an unknown dtype raises OptionError."""
         return load_directory(directory, lambda raw: cls(ModelConfig.from_dict(use_carried_files(raw, directory))),
-                              device)
+                              device, dtype=dtype)

@@ -4,7 +4,6 @@ caption images. The engine below works on ids only; this layer owns the tokenize
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ from mmgen.chat_template import check_text
 from mmgen.data.images import ImageInput, load_image
 from mmgen.errors import InputError, ModelFileError
 from mmgen.events import Done, ImageStep
-from mmgen.files import CONFIG_FILE, TOKENIZER_DIGEST, TOKENIZER_FILE, WEIGHTS_FILE, read_weights_metadata
+from mmgen.files import CONFIG_FILE, TOKENIZER_DIGEST, WEIGHTS_FILE, read_weights_metadata
 from mmgen.generation import Engine, GenerationOptions
 from mmgen.model import MMGenModel
 from mmgen.sequence import SequenceBuilder
-from mmgen.tokenizers.text import TextTokenizer
+from mmgen.tokenizers.text_contract import TextTokenizerContract, load_text_tokenizer
 
 
 def to_pil(image: Tensor, scale: int = 1) -> Image.Image:
@@ -43,19 +42,21 @@ def _batch(items: Any, noun: str, method: str) -> list:
     return items
 
 
-def check_pair(directory: Path, tokenizer: TextTokenizer, vocab: int) -> None:
+def check_pair(directory: Path, tokenizer: TextTokenizerContract, vocab: int) -> None:
     """Raise ModelFileError unless `tokenizer` is the one saved with the weights in `directory`: its
-    SHA-256 equals the one their header records; for weights saved without a record, its size equals
-    the model's `backbone.vocab_size`. Another model's tokenizer would turn prompts into other words."""
+    digest (`tokenizer.digest()`, the SHA-256 of its files) equals the one their header records; for
+    weights saved without a record, its size equals the model's `backbone.vocab_size`. Another model's
+    tokenizer would turn prompts into other words."""
     recorded = read_weights_metadata(directory / WEIGHTS_FILE).get(TOKENIZER_DIGEST)
-    fix = (f"copy the tokenizer.model saved with these weights (from the training run's output directory) into "
+    names = " + ".join(str(directory / name) for name in tokenizer.files())
+    fix = (f"copy the tokenizer files saved with these weights (from the training run's output directory) into "
            f"{directory}")
-    if recorded is not None and recorded != hashlib.sha256(tokenizer.model_proto).hexdigest():
-        raise ModelFileError(f"{directory / TOKENIZER_FILE} is not the tokenizer {directory / WEIGHTS_FILE} was "
+    if recorded is not None and recorded != tokenizer.digest():
+        raise ModelFileError(f"{names} is not the tokenizer {directory / WEIGHTS_FILE} was "
                              f"saved with (their SHA-256 differ; it has {len(tokenizer)} pieces, the model's "
                              f"vocabulary {vocab}); {fix}")
     if recorded is None and len(tokenizer) != vocab:
-        raise ModelFileError(f"{directory / TOKENIZER_FILE} has {len(tokenizer)} pieces but {directory / CONFIG_FILE} "
+        raise ModelFileError(f"{names} has {len(tokenizer)} pieces but {directory / CONFIG_FILE} "
                              f"gives backbone.vocab_size = {vocab}: the tokenizer does not belong to this model; {fix}")
 
 
@@ -67,7 +68,7 @@ class Pipeline:
             it is not the model's (its ids past the vocabulary have no embedding).
     """
 
-    def __init__(self, model: MMGenModel, tokenizer: TextTokenizer):
+    def __init__(self, model: MMGenModel, tokenizer: TextTokenizerContract):
         vocab = model.config.backbone.vocab_size
         if len(tokenizer) > vocab:
             raise ModelFileError(f"the text tokenizer has {len(tokenizer)} pieces but the model's vocabulary "
@@ -82,10 +83,12 @@ class Pipeline:
         self.engine = Engine(model, self.builder)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> Pipeline:
         """The model and text tokenizer saved in `directory`, each file checked (see `MMGenModel.from_pretrained`,
-        `TextTokenizer.load`), and checked to belong together (`check_pair`)."""
-        model, tokenizer = MMGenModel.from_pretrained(directory, device), TextTokenizer.load(directory)
+        `load_text_tokenizer`), and checked to belong together (`check_pair`); the weights cast to `dtype`
+        ("bf16", "fp16", "fp32"; None: as stored)."""
+        model, tokenizer = MMGenModel.from_pretrained(directory, device, dtype), load_text_tokenizer(directory)
         check_pair(Path(directory), tokenizer, model.config.backbone.vocab_size)
         return cls(model, tokenizer)
 

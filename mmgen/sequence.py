@@ -5,11 +5,13 @@ or an image tensor (C, H, W) in [-1, 1]:
     <bos> text … <boi> img_0 … img_{L-1} <eoi> text … <eos>
 Special ids are inserted as integers, never parsed from text. Query q may attend key k iff
 both belong to the same document and (k <= q, or both lie in the same image); padding is
-never attended, and every query sees itself (a fully masked SDPA row would be NaN).
+never attended, and every query sees itself (a fully masked SDPA row would be NaN). That rule is one
+predicate (`may_attend`), used as a dense boolean mask and as a FlexAttention mask_mod.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, Sequence, Union
 
@@ -175,6 +177,16 @@ def next_token_labels(ids: Tensor, image_id: Tensor, doc_id: Tensor) -> Tensor:
     return labels
 
 
+def may_attend(q_doc: Tensor, q_image: Tensor, q_slot: Tensor, k_doc: Tensor, k_image: Tensor, k_slot: Tensor
+               ) -> Tensor:
+    """The attention rule, elementwise over broadcastable tensors: True where the query (document, image,
+    slot) may attend the key. Same document and (k <= q or the same image); never padding (document -1);
+    every query sees itself. The dense mask and the FlexAttention mask_mod both call this one predicate."""
+    same_doc = (q_doc == k_doc) & (k_doc >= 0)
+    same_image = (q_image == k_image) & (k_image >= 0)
+    return (same_doc & ((k_slot <= q_slot) | same_image)) | (k_slot == q_slot)
+
+
 def attention_mask(
     q_doc: Tensor, q_image: Tensor, k_doc: Tensor, k_image: Tensor, offset: int = 0
 ) -> Tensor:
@@ -191,8 +203,17 @@ def attention_mask(
     t, s = q_doc.shape[1], k_doc.shape[1]
     q_slot = torch.arange(offset, offset + t, device=q_doc.device)[:, None]  # (T, 1)
     k_slot = torch.arange(s, device=q_doc.device)[None, :]  # (1, S)
-    same_doc = (q_doc[:, :, None] == k_doc[:, None, :]) & (k_doc[:, None, :] >= 0)  # (B, T, S)
-    same_image = (q_image[:, :, None] == k_image[:, None, :]) & (k_image[:, None, :] >= 0)
-    allowed = same_doc & ((k_slot <= q_slot) | same_image)
-    allowed = allowed | (k_slot == q_slot)  # every query sees itself, padding included
+    allowed = may_attend(q_doc[:, :, None], q_image[:, :, None], q_slot,
+                         k_doc[:, None, :], k_image[:, None, :], k_slot)  # (B, T, S)
     return allowed[:, None]
+
+
+def mask_mod(doc_id: Tensor, image_id: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """The attention rule over one uncached chunk (B, T) as a FlexAttention `mask_mod(b, h, q, k)`: queries
+    and keys are the same slots, so `attention_mask(doc_id, image_id, doc_id, image_id)[b, 0, q, k]`
+    equals `mask_mod(...)(b, h, q, k)` for every head h."""
+
+    def rule(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return may_attend(doc_id[b, q], image_id[b, q], q, doc_id[b, k], image_id[b, k], k)
+
+    return rule

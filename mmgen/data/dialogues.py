@@ -66,12 +66,14 @@ class DialogueSource(Source):
         seed: seed of the shapes.
         channels, resolution: the model's image format.
         digits_split: the digits the images come from (keep "test" held out).
+        loss_on: "all" (LM labels on every text token) or "assistant" (on assistant turns only).
     """
 
     name = "dialogues"
 
-    def __init__(self, n: int, seed: int, channels: int, resolution: int, digits_split: str = "train"):
-        self.n, self.channels, self.resolution = n, channels, resolution
+    def __init__(self, n: int, seed: int, channels: int, resolution: int, digits_split: str = "train",
+                 loss_on: str = "all"):
+        self.n, self.channels, self.resolution, self.loss_on = n, channels, resolution, loss_on
         self.digits = DigitsDataset(digits_split)
         self.by_label = [[i for i in range(len(self.digits)) if int(self.digits.labels[i]) == d] for d in range(10)]
         self.shapes = ShapesDataset(size=max(n, 1000), resolution=max(resolution, 8), max_objects=1, seed=seed + 7)

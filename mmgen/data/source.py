@@ -23,6 +23,7 @@ class Source:
     name: str = "source"
     n: int = 0
     dropped: int = 0  # items dropped while indexing (missing files, malformed lines)
+    loss_on: str = "all"  # "assistant": conversations get LM labels on assistant turns only
 
     def __len__(self) -> int:
         return self.n

@@ -296,7 +296,7 @@ def build_source(cfg, *, seed: int, channels: int, resolution: int, max_chars: i
     if cfg.kind == "shapes":
         return ShapesSource(cfg, seed, channels, resolution)
     if cfg.kind == "dialogues":
-        return DialogueSource(_limit(cfg.size, cfg.limit), seed, channels, resolution, cfg.split)
+        return DialogueSource(_limit(cfg.size, cfg.limit), seed, channels, resolution, cfg.split, cfg.loss_on)
     if cfg.kind == "image_folder":
         return FolderSource(cfg, channels, resolution, verbose)
     if cfg.kind == "hf":

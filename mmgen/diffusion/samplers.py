@@ -9,6 +9,8 @@ v- and flow models (flow time t maps to σ = t / (1 − t), x = x_t / (1 − t))
 Each sampler is written once, as a generator that yields that dict after every step and returns x;
 `sample_x.steps(denoiser, x, sigmas, noise=None, **options)` is that generator, for callers that
 stream (`x = yield from SAMPLERS[name].steps(...)`), and `sample_x(...)` runs it to the end.
+Branches on σ (the last step to 0, a step without noise) test a host copy of `sigmas` read once per
+run, and the noise sampler gets host floats: a step reads no device value.
 """
 
 from __future__ import annotations
@@ -72,12 +74,13 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampl
     Use it with a schedule that has no huge first step (Karras): on the uniform-t schedule of a flow
     model (first σ = 999) the trapezoid amplifies the denoiser's error at the second point ~σ/2 times.
     """
+    host = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
         d = (x - denoised) / sigma
         x_next = x + d * (sigma_next - sigma)
-        if sigma_next > 0:
+        if host[i + 1] > 0:
             d_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
         x = x_next
@@ -85,11 +88,12 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampl
     return x
 
 
-def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-    """(σ_down, σ_up) for a stochastic step: σ_up = η·σ'·sqrt(1 − σ'²/σ²), σ_down² = σ'² − σ_up².
+def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float, last: bool) -> tuple[Tensor, Tensor]:
+    """(σ_down, σ_up) for a stochastic step: σ_up = η·σ'·sqrt(1 − σ'²/σ²), σ_down² = σ'² − σ_up²;
+    `last`: σ' = 0 (no noise then).
 
     In VE form this is exactly DDIM's σ_t(η) of Song et al. (2021), for any VP or flow schedule."""
-    if eta == 0 or sigma_next == 0:
+    if eta == 0 or last:
         return sigma_next, sigma_next * 0
     up = torch.clamp(eta * sigma_next * (1 - sigma_next**2 / sigma**2).sqrt(), max=sigma_next)
     return (sigma_next**2 - up**2).sqrt(), up
@@ -101,12 +105,14 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampl
                 eta: float = 0.0) -> Steps:
     """DDIM(η): deterministic at η = 0 (= Euler), DDPM-like ancestral sampling at η = 1."""
     noise = noise or iid_noise(x)
+    host = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
-        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        last = host[i + 1] == 0
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta, last)
         x = denoised + (x - denoised) * (down / sigmas[i])
-        if up > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * up
+        if eta > 0 and not last:  # σ_up > 0
+            x = x + noise(host[i], host[i + 1]) * up
         yield _info(i, sigmas, x, denoised)
     return x
 
@@ -128,10 +134,11 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: No
     converge as the step count grows. η = 0 is the ODE solver DPM-Solver++(2M)."""
     noise = noise or iid_noise(x)
     old_denoised, h_last = None, None
+    host = sigmas.tolist()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma)
-        if sigma_next == 0:
+        if host[i + 1] == 0:
             x = denoised
         else:
             h = sigma.log() - sigma_next.log()
@@ -141,7 +148,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, noise: No
                 r = h_last / h
                 x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
             if eta:
-                x = x + noise(sigma, sigma_next) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
+                x = x + noise(host[i], host[i + 1]) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
             h_last = h
         old_denoised = denoised
         yield _info(i, sigmas, x, denoised)

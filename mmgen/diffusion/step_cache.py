@@ -37,30 +37,35 @@ class FirstBlockCache:
         after_first, _ = backbone.run_layers(x, ctx, 0, 1)
         first = after_first - x
         hit = self.decide(first)  # (R,)
-        if not hit.any():  # every row runs the remaining blocks, on the context as it is
+        hits = hit.tolist()  # the step's one device read: which rows run the remaining blocks
+        self.count(hits)
+        if not any(hits):  # every row runs the remaining blocks, on the context as it is
             rest = backbone.run_layers(after_first, ctx, 1)[0] - after_first
         else:  # only the rows that miss run the remaining blocks
             rest = self.rest.clone()
-            miss = (~hit).nonzero().flatten()
-            if len(miss):
-                h = after_first[miss]
-                rest[miss] = backbone.run_layers(h, ctx.select(miss), 1)[0] - h
+            miss = [i for i, h in enumerate(hits) if not h]
+            if miss:
+                rows = torch.tensor(miss, device=x.device)
+                h = after_first[rows]
+                rest[rows] = backbone.run_layers(h, ctx.select(rows), 1)[0] - h
         self.update(first, rest, hit)
         return backbone.norm(after_first + rest)
 
     def decide(self, first_residual: Tensor) -> Tensor:
         """Per-row reuse mask (R,) for this step's first-block residual (R, ...)."""
-        self.calls += 1
-        self.row_calls += first_residual.shape[0]
         hit = torch.zeros(first_residual.shape[0], dtype=torch.bool, device=first_residual.device)
         if self.first is None or self.first.shape != first_residual.shape or self.threshold == 0:
             return hit
         dims = tuple(range(1, first_residual.dim()))
         change = (first_residual - self.first).abs().mean(dims) / self.first.abs().mean(dims).clamp_min(1e-12)
-        hit = change < self.threshold
-        self.row_hits += int(hit.sum())
-        self.skipped += int(bool(hit.all()))
-        return hit
+        return change < self.threshold
+
+    def count(self, hits: list[bool]) -> None:
+        """Add one step's per-row decisions to the statistics."""
+        self.calls += 1
+        self.row_calls += len(hits)
+        self.row_hits += sum(hits)
+        self.skipped += int(all(hits))
 
     def update(self, first_residual: Tensor, rest_residual: Tensor, hit: Tensor) -> None:
         """Keep the fresh residuals of the rows that missed (rows that hit keep their cached ones)."""

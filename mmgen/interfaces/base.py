@@ -34,9 +34,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmgen.backbone import AttentionContext, KVCache, pad_and_stack
+from mmgen.backbone import AttentionContext
 from mmgen.config import ImageConfig, ModelConfig
 from mmgen.events import ImageStep
+from mmgen.kv_cache import KVCache, pad_and_stack
 from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 

@@ -50,6 +50,7 @@ class CausalInterface(ImageInterface):
         r, length, model = request.rows, self.cfg.tokens_per_image, request.model
         guided = request.options.guidance.scale != 1
         kv, h = request.with_null_rows() if guided else (request.cache, request.last)  # (R or 2R rows)
+        kv.reserve(kv.length + length)  # room for the whole image up front: the steps keep static shapes
         everyone = torch.ones(len(h), dtype=torch.bool, device=h.device)
         steps = []
         for k in range(length):

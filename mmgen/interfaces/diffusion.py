@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mmgen.backbone import KVCache, pad_and_stack
+from mmgen import capture
 from mmgen.config import ImageConfig, ModelConfig
 from mmgen.diffusion.guidance import Guidance
 from mmgen.diffusion.noise import BrownianTreeNoise, iid_noise
@@ -29,6 +29,7 @@ from mmgen.events import ImageStep, relay
 from mmgen.heads.timestep import timestep_features
 from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface, require_tokenizer
 from mmgen.interfaces.understanding import check_understanding
+from mmgen.kv_cache import KVCache, pad_and_stack
 from mmgen.sampling import GenerationOptions
 from mmgen.tokenizers.image import ImageTokens
 
@@ -110,28 +111,38 @@ class DiffusionInterface(ImageInterface):
 
     def denoiser(self, model, cache: KVCache, guidance: Guidance, null: KVCache | None = None,
                  step_cache: FirstBlockCache | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-        """D(x, σ) -> x0 for the R rows of `cache` (each ending in <boi>); the cache is read, never written.
+        """D(x, σ) -> x0 for the R rows of `cache` (each ending in <boi>); the cache's filled slots are read,
+        never written (each step writes its image at the same slots past them, uncommitted).
 
         Guided steps run the null prompt's cache `null` (1 row, needed when guidance is on) beside
         every row in one batch; unguided ones (scale 1, or σ outside the guidance interval) run the
-        rows alone. `step_cache` replaces the backbone call by First Block Cache.
+        rows alone. Each batch's attention context is built once and every step reuses it, so a step
+        reads no device value and has static shapes (captured on CUDA, `mmgen.capture`); `step_cache`
+        replaces the backbone call by First Block Cache.
         """
-        r, L, obj = cache.doc_id.shape[0], self.cfg.tokens_per_image, self.objective
-        image_id = int(cache.image_id.max()) + 1
-        both = pad_and_stack([cache] + [null] * r) if null is not None else None
+        r, L, obj = cache.next_position.shape[0], self.cfg.tokens_per_image, self.objective
+        kv = {False: cache, True: pad_and_stack([cache] + [null] * r) if null is not None else None}
+        contexts = {}
+
+        def context(with_uncond: bool):
+            if with_uncond not in contexts:
+                c = kv[with_uncond]
+                rows, dev = c.next_position.shape[0], c.next_position.device
+                positions = c.next_position[:, None] + torch.arange(L, device=dev)  # (rows, L)
+                doc = torch.zeros(rows, L, dtype=torch.long, device=dev)
+                contexts[with_uncond] = model.context(positions, doc, torch.full_like(doc, c.images), c)
+            return contexts[with_uncond]
 
         def branches(x: Tensor, sigma: Tensor, with_uncond: bool) -> tuple[Tensor, Tensor | None]:
-            kv = both if with_uncond else cache
-            rows = kv.doc_id.shape[0]
-            t = obj.t_from_sigma(sigma.double()).float().expand(rows)
+            ctx = context(with_uncond)
+            t = obj.t_from_sigma(sigma.double()).float().expand(len(ctx.cos))
             a, _ = obj.alpha_sigma(t)
             x_t = (torch.cat([x, x]) if with_uncond else x) * a.view(-1, 1, 1, 1).to(x.dtype)
             tokens = self.embed_patches(self.patchify(x_t.to(model.dtype)), t)  # (rows, L, D)
-            positions = kv.next_position[:, None] + torch.arange(L, device=x.device)  # (rows, L)
-            doc = torch.zeros(rows, L, dtype=torch.long, device=x.device)
-            ids = torch.full((rows, L), image_id, device=x.device)
-            ctx = model.context(positions, doc, ids, kv)
-            hidden = step_cache(model.model, tokens, ctx) if step_cache is not None else model.model(tokens, ctx)[0]
+            if step_cache is not None:
+                hidden = step_cache(model.model, tokens, ctx)
+            else:
+                hidden = capture.run(model.model, tokens, ctx, repeats=True)
             x0 = obj.to_x0(x_t, self.unpatchify(self.predict(hidden)).to(x.dtype), t)
             return (x0[:r], x0[r:]) if with_uncond else (x0, None)
 

@@ -21,6 +21,8 @@ from mmgen.serve.config import ServeConfig
 FLAGS = [  # (field, type, help); the flag is --field-with-dashes
     ("model", Path, "model directory (default: the bundled chat-tiny)"),
     ("model_name", str, "the model id clients send (default: the directory name)"),
+    ("device", str, "where the model runs: auto (CUDA when there is one), cpu, cuda or cuda:N"),
+    ("dtype", str, "the weights' dtype: bf16 (GPUs that have it), fp16 or fp32"),
     ("host", str, "address to listen on (0.0.0.0 for every interface)"),
     ("port", integer(0), "port to listen on"),
     ("batch_window_ms", seconds, "how long to gather requests into a batch after the first arrives"),

@@ -19,6 +19,8 @@ class ServeConfig:
 
     model: Path | None = None  # a model directory; None: the bundled model
     model_name: str | None = None  # the id clients send as `model`; None: the directory name
+    device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
+    dtype: str = "fp32"  # the weights' dtype: bf16, fp16 or fp32 (`mmgen.files.DTYPES`)
     host: str = "127.0.0.1"
     port: int = 8000
     batch_window_ms: float = 10.0

@@ -18,6 +18,7 @@ from typing import Any
 from mmgen.chat import Chat
 from mmgen.errors import MMGenError
 from mmgen.events import ImageDone
+from mmgen.files import load_device
 from mmgen.pipeline import to_pil
 from mmgen.sampling import MAX_SEED
 from mmgen.serve import images
@@ -53,7 +54,7 @@ class Service:
 
     @classmethod
     def load(cls, config: ServeConfig) -> Service:
-        return cls(Chat.from_pretrained(config.model), config)
+        return cls(Chat.from_pretrained(config.model, load_device(config.device), config.dtype), config)
 
     def chat_work(self, req: ChatRequest, deliver: Callable[[int, Any], None]) -> Work:
         """Jobs for a chat request; `deliver(choice, event)` receives each choice's events."""

@@ -2,12 +2,14 @@
 
 Ids 0..3 are <pad> <unk> <bos> <eos>; then `CONTROL_TOKENS` (<boi>, <eoi>, role markers) as
 SentencePiece control symbols, which are never produced from text: a user who types "<boi>"
-gets ordinary pieces. Byte fallback means no text is ever <unk>.
+gets ordinary pieces. Byte fallback means no text is ever <unk>. It implements the text-tokenizer
+contract (`mmgen.tokenizers.text_contract`); its digest is the SHA-256 of `tokenizer.model`.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,7 +17,12 @@ import sentencepiece as spm
 
 from mmgen.config import CONTROL_TOKENS
 from mmgen.errors import ModelFileError
-from mmgen.files import TOKENIZER_FILE, atomic_write
+from mmgen.files import TOKENIZER_FILE, atomic_write, files_digest
+
+HF_CONFIG = {  # for transformers' LlamaTokenizer: mmgen's ids are <pad> 0, <unk> 1, <s> 2, </s> 3
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+}
 
 
 class TextTokenizer:
@@ -28,6 +35,8 @@ class TextTokenizer:
         ModelFileError: the bytes are empty, not a SentencePiece model, or one not trained by mmgen
             (a control token missing, or other ids for <pad> <unk> <s> </s>).
     """
+
+    kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes, source: str = "the SentencePiece model"):
         fix = "use the tokenizer.model saved with the model, or train one with `mmgen train-text-tokenizer`"
@@ -88,9 +97,29 @@ class TextTokenizer:
         """Ids -> text; special ids are dropped."""
         return self.sp.decode([i for i in ids if i not in self.special_ids])
 
+    def files(self) -> dict[str, bytes]:
+        """{"tokenizer.model": the SentencePiece model proto}."""
+        return {TOKENIZER_FILE: self.model_proto}
+
+    def digest(self) -> str:
+        """SHA-256 of the model proto."""
+        return files_digest(self.files())
+
     def save(self, directory: str | Path) -> None:
         """Write `directory`/tokenizer.model (the SentencePiece model proto), atomically."""
         atomic_write(Path(directory, TOKENIZER_FILE), self.model_proto)
+
+    def hf_files(self) -> dict[str, bytes]:
+        """tokenizer.model + a tokenizer_config.json for transformers' LlamaTokenizer (loading it needs
+        sentencepiece and protobuf). It adds <s> first, as mmgen's sequences start; unlike mmgen it does not
+        apply NFKC and matches <boi>, <|user|>, ... in text (they are its special tokens)."""
+        config = json.dumps(HF_CONFIG, indent=2) + "\n"
+        return {TOKENIZER_FILE: self.model_proto, "tokenizer_config.json": config.encode("utf-8")}
+
+    @property
+    def hf_vocab_size(self) -> int:
+        """Every piece: the control tokens are part of the SentencePiece model."""
+        return len(self)
 
     @classmethod
     def load(cls, directory: str | Path) -> TextTokenizer:

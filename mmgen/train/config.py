@@ -20,6 +20,9 @@ from typing import Any
 
 from mmgen.config import PRESETS, BackboneConfig, DiffusionConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
 from mmgen.errors import ConfigError
+from mmgen.train.help import MODEL_HELP
+from mmgen.train.init_from import init_backbone
+from mmgen.train.lora import LoraSection
 from mmgen.train.overrides import build, convert, describe, load_file, opt, set_dotted, suggest, to_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -44,8 +47,11 @@ class SourceConfig:
     p_image_first: float = opt(0.2, "image-caption sources: share of image -> caption samples")
     caption_dropout: float = opt(0.1, "image-caption sources: share of captions dropped (classifier-free guidance)")
     limit: int = opt(0, "use at most this many items (0: all)")
+    loss_on: str = opt("all", "dialogues: LM loss on every text token (all) or only on assistant turns (assistant)")
 
     def __post_init__(self) -> None:
+        if self.loss_on not in ("all", "assistant") or (self.loss_on == "assistant" and self.kind != "dialogues"):
+            raise ConfigError(f"loss_on = {self.loss_on!r}: 'all', or 'assistant' for a dialogues source (its turns)")
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"unknown source kind {self.kind!r}{suggest(self.kind, list(SOURCE_KINDS), what='kind')}")
         if self.kind not in ("digits", "shapes", "dialogues") and not self.path:
@@ -86,6 +92,11 @@ class ModelSection:
     image_tokenizer: str | None = opt(None, "directory of a trained image tokenizer (`mmgen train-tokenizer`); "
                                             "its config replaces model.image.tokenizer, whose channels and "
                                             "resolution, if given, it must match")
+    init_from: str | None = opt(None, "local Hugging Face Llama / Qwen2 directory to start from: its backbone shape, "
+                                      "weights and tokenizer (docs/pretrained.md)")
+    freeze: str = opt("none", "none, or text: every pretrained weight frozen (text-only logits stay the checkpoint's); "
+                              "image slots get their own trainable copy of each layer (LMFusion); needs init_from")
+    lora: LoraSection = opt(LoraSection(), "LoRA adapters on the frozen text path (peft); needs init_from")
     backbone: dict = opt({}, "overrides of the preset's backbone fields", leaf=True)
     image: dict = opt({}, "overrides of the preset's image fields", leaf=True)
     diffusion: dict = opt({}, "overrides of the preset's diffusion fields", leaf=True)
@@ -94,6 +105,17 @@ class ModelSection:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown model preset {self.preset!r}"
                               f"{suggest(self.preset, list(PRESETS), what='preset')}")
+        if self.freeze not in ("none", "text"):
+            raise ConfigError(f"model.freeze = {self.freeze!r}: none, or text (keep the pretrained model's text "
+                              "exactly)")
+        if (self.freeze != "none" or self.lora.rank) and not self.init_from:
+            raise ConfigError("model.freeze=text and model.lora.rank keep pretrained text weights frozen: set "
+                              "model.init_from to the local Hugging Face checkpoint to start from")
+        if self.freeze == "text":  # the architecture that freezing needs (the backbone's own field)
+            if not convert(self.backbone.get("image_experts", True), bool, "model.backbone.image_experts"):
+                raise ConfigError("model.backbone.image_experts = false with model.freeze=text: frozen text weights "
+                                  "need image experts to train; remove model.backbone.image_experts")
+            self.backbone = {**self.backbone, "image_experts": True}
 
 
 @dataclass
@@ -125,10 +147,16 @@ class LoopConfig:
     ema_decay: float = opt(0.999, "EMA of the weights; the exported model holds the EMA (0: off)")
     threads: int = opt(0, "torch threads per process (0: torch's default)")
     max_nonfinite: int = opt(50, "non-finite steps in a row (skipped and counted) before the run stops (0: never)")
+    attention: str = opt("auto", "attention kernel: auto (FlexAttention block masks on CUDA, else dense), dense "
+                                 "(a boolean mask, SDPA) or flex (CUDA only); docs/training_speed.md")
+    compile: bool = opt(False, "torch.compile each decoder layer (the first steps are slow; checkpoints unchanged)")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer in the backward pass (less memory)")
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.attention not in ("auto", "dense", "flex"):
+            raise ConfigError(f"train.attention must be auto, dense or flex, got {self.attention!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.steps, batch_size and grad_accum must be >= 1")
         if not 0 <= self.ema_decay < 1:
@@ -226,8 +254,9 @@ def resolve_model(section: ModelSection, load_weights: bool = False):
     if "patch_size" not in section.image:
         preset_patch = raw["image"]["patch_size"]
         merged["image"]["patch_size"] = 1 if tok.discrete or tok.grid < 2 * preset_patch else preset_patch
-    config = ModelConfig(
-        backbone=build(BackboneConfig, merged["backbone"], "model.backbone."),
+    config = ModelConfig(  # with init_from, the backbone is the checkpoint's shape (mmgen.train.init_from)
+        backbone=init_backbone(section.init_from, section.backbone) if section.init_from else
+        build(BackboneConfig, merged["backbone"], "model.backbone."),
         image=build(ImageConfig, merged["image"], "model.image."),
         diffusion=build(DiffusionConfig, merged["diffusion"], "model.diffusion."),
     )
@@ -280,49 +309,6 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     return out
 
 
-MODEL_HELP = {
-    "model.backbone.vocab_size": "text vocabulary; default: the text tokenizer's size",
-    "model.backbone.hidden_size": "width D of the decoder",
-    "model.backbone.intermediate_size": "SwiGLU MLP width",
-    "model.backbone.num_hidden_layers": "decoder layers",
-    "model.backbone.num_attention_heads": "query heads",
-    "model.backbone.num_key_value_heads": "key/value heads (grouped-query attention)",
-    "model.backbone.head_dim": "per-head width (null: hidden_size / heads)",
-    "model.backbone.max_position_embeddings": "longest sequence in tokens (also the packing row length)",
-    "model.backbone.rms_norm_eps": "RMSNorm epsilon",
-    "model.backbone.rope_theta": "RoPE base",
-    "model.backbone.tie_word_embeddings": "share the input embedding and the LM head",
-    "model.backbone.attention_bias": "q/k/v biases (Qwen2)",
-    "model.backbone.qk_norm": "RMSNorm on queries and keys (Chameleon; helps stability)",
-    "model.backbone.initializer_range": "std of the normal initialization",
-    "model.image.interface": "diffusion (Transfusion), discrete (Chameleon), hybrid (HART) or mar",
-    "model.image.understanding_input": "how images the model reads enter it (causal interfaces): codes, latents "
-                                       "(tokenizer latents before quantization) or encoder (a frozen vision model)",
-    "model.image.understanding_encoder": "local Hugging Face vision model directory for understanding_input=encoder",
-    "model.image.patch_size": "latent cells per token along each side (unset: 1 for codes and for 2×2 grids, else "
-                              "the preset's)",
-    "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
-    "model.image.tokenizer.channels": "image channels (1 grey, 3 RGB); data are converted to this",
-    "model.image.tokenizer.resolution": "image side in pixels; data are resized and center-cropped to it",
-    "model.image.tokenizer.latent_channels": "latent channels c per grid cell",
-    "model.image.tokenizer.downsample": "pixels per latent cell along each side (f)",
-    "model.image.tokenizer.codebook_size": "codes K (vq and hybrid; 0: continuous)",
-    "model.image.tokenizer.width": "channels of the tokenizer's first conv stage",
-    "model.image.tokenizer.res_blocks": "residual blocks per tokenizer stage",
-    "model.image.tokenizer.latent_shift": "subtracted from latents before the model sees them",
-    "model.image.tokenizer.latent_scale": "latents are multiplied by this (SD: 0.18215)",
-    "model.image.tokenizer.path": "diffusers: local directory of the AutoencoderKL",
-    "model.image.head.width": "MLP diffusion head width (mar / hybrid)",
-    "model.image.head.depth": "MLP diffusion head residual blocks",
-    "model.image.head.objective": "MLP head objective: eps, v or flow",
-    "model.image.head.repeat": "noise levels per token per step (MAR's diffusion_batch_mul)",
-    "model.image.head.steps": "MLP head sampling steps",
-    "model.image.head.loss_weight": "weight of the MLP head loss",
-    "model.diffusion.objective": "eps, v or flow",
-    "model.diffusion.loss_weight": "λ in L = L_LM + λ·L_image",
-    "model.diffusion.max_t_when_conditioning": "noise cap for an image that precedes its caption",
-    "model.diffusion.z_loss": "z-loss weight on the LM logits (1e-5 when used; 0: off)",
-}
 
 
 def help_text() -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmgen.chat_template import Message, render
+from mmgen.chat_template import Message, assistant_targets, render
 from mmgen.data.source import Source, UnreadableItem
 from mmgen.errors import DataError
 from mmgen.sequence import SequenceBuilder
@@ -93,7 +93,7 @@ class TrainDataset(Dataset):
             j = (i + skipped) % len(source)
             rng = random.Random(f"{self.seed}/{s}/{epoch}/{j}")  # string seeds hash the same in every process
             try:
-                item = self.tokenize(source.sample(j, rng))
+                item = self.tokenize(source.sample(j, rng), source.loss_on == "assistant")
                 item.source, item.skipped = s, skipped
                 return item
             except UnreadableItem as e:
@@ -106,11 +106,17 @@ class TrainDataset(Dataset):
                     raise DataError(f"{skipped} unreadable items in a row in {source.name} (last: {e}); fix the data "
                                     "or raise data.max_skips") from None
 
-    def tokenize(self, sample) -> Item:
+    def tokenize(self, sample, assistant_only: bool = False) -> Item:
         """Sample (or conversation) -> Item; a text-only sample over the maximum length is cut, any other
-        failure is unreadable."""
+        failure is unreadable. `assistant_only`: a conversation's LM targets are its assistant turns."""
         if sample and isinstance(sample[0], Message):  # a conversation: the chat template renders it
             sample = render(sample, self.builder.tok, lambda image: image, generation_prompt=False)
+        item = self._item(sample)
+        if assistant_only:
+            item.targets = assistant_targets(item.ids, self.builder.tok)
+        return item
+
+    def _item(self, sample) -> Item:
         try:
             return Item(*self.builder.tokens(sample))
         except ValueError as e:

@@ -1,4 +1,5 @@
-"""Optimization pieces shared by the training loops: AdamW groups, the schedule, EMA, and state I/O.
+"""Optimization pieces shared by the training loops: AdamW groups, fused AdamW and its on-device skip, the
+schedule, EMA, and state I/O.
 
 Only trainable parameters are optimized and averaged (the frozen image tokenizer is neither).
 Optimizer and EMA state go to safetensors keyed by parameter name, plus JSON for the scalars,
@@ -48,19 +49,53 @@ def param_groups(model: nn.Module, weight_decay: float,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (CUDA and CPU): one kernel per step, and it honours `found_inf`,
+    so `step_unless` skips a non-finite step on the device without a host synchronisation."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """One step of a fused-AdamW `optimizer` (or accelerate's wrapper of one), a no-op where the 0-dim bool
+    `skip` is True: parameters, moments and the step count stay as they were (as GradScaler skips)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+
+
 class EMA:
-    """Exponential moving average of the trainable parameters, with warmup min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of the trainable parameters, with warmup min(decay, (1+n)/(10+n)), n the
+    updates made. The count lives on the device, so an update that is skipped on the device (`keep` 0)
+    needs no host synchronisation; `updates` reads it (a synchronisation: at checkpoints)."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
+        self.decay = decay
         self.shadow = {n: p.detach().clone() for n, p in trainable(model).items()}
+        device = next(iter(self.shadow.values())).device if self.shadow else "cpu"
+        self.count = torch.zeros((), dtype=torch.float64, device=device)  # updates made, exact in float64
+
+    @property
+    def updates(self) -> int:
+        return int(self.count)
+
+    @updates.setter
+    def updates(self, n: int) -> None:
+        self.count.fill_(n)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, model: nn.Module, keep: Tensor | None = None) -> None:
+        """Move the averages towards the weights; with `keep` (0-dim, 1: update, 0: leave as is) decided
+        on the device."""
+        keep = torch.ones((), dtype=torch.float64, device=self.count.device) if keep is None else keep.double()
+        self.count += keep
+        d = ((1 + self.count) / (10 + self.count)).clamp(max=self.decay)  # as min(decay, (1+n)/(10+n))
+        weight = (1 - d) * keep  # float64 -> each dtype once: the weight a Python float 1 - d would give
+        weights = {x.dtype: weight.to(x.dtype) for x in self.shadow.values()}
         for n, p in trainable(model).items():
-            self.shadow[n].lerp_(p.detach(), 1 - d)
+            self.shadow[n].lerp_(p.detach(), weights[p.dtype])
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -28,6 +28,7 @@ class Item:
     source: int = 0
     skipped: int = 0  # unreadable items skipped to reach this one
     truncated: bool = False  # a text-only sample cut to the maximum length
+    targets: list[bool] | None = None  # per token: may it be an LM target (None: every token may)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Packer:
         image_id = torch.full((b, t), -1, dtype=torch.long)
         doc_id = torch.full((b, t), -1, dtype=torch.long)
         positions = torch.zeros((b, t), dtype=torch.long)
+        targets = torch.ones((b, t), dtype=torch.bool)
         images, conditions = [], []
         for r, row in enumerate(rows):
             at = 0
@@ -98,10 +100,13 @@ class Packer:
                 image_id[r, at : at + n] = torch.tensor([s + len(images) if s >= 0 else -1 for s in it.image_slots])
                 doc_id[r, at : at + n] = doc
                 positions[r, at : at + n] = torch.arange(n)  # RoPE positions restart in every document
+                if it.targets is not None:
+                    targets[r, at : at + n] = torch.tensor(it.targets, dtype=torch.bool)
                 images += it.images
                 conditions += it.conditions
                 at += n
         labels = next_token_labels(ids, image_id, doc_id)
+        labels[:, :-1] = torch.where(targets[:, 1:], labels[:, :-1], IGNORE)  # position t predicts token t + 1
         c, h = self.channels, self.resolution
         batch = SequenceBatch(
             ids=ids, image_id=image_id, doc_id=doc_id, positions=positions, labels=labels,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmgen.errors import CheckpointError, OutputError
-from mmgen.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, atomic_write, save_file, save_model, write_json
+from mmgen.files import CONFIG_FILE, WEIGHTS_FILE, save_file, save_model, write_json
 from mmgen.outputs import disk_full, output_error
 from mmgen.train.checkpoints import STATE, CheckpointManager, capture_rng, read_tensors, restore_rng
 from mmgen.train.optim import load_optimizer_state, optimizer_state
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mmgen.model import MMGenModel
-    from mmgen.tokenizers.text import TextTokenizer
+    from mmgen.tokenizers.text_contract import TextTokenizerContract
     from mmgen.train.config import TrainConfig
     from mmgen.train.data import StepBatches
     from mmgen.train.optim import EMA
@@ -51,7 +51,7 @@ class Run(Protocol):
     names: dict[int, str]  # id(parameter) -> name
     ema: EMA | None
     noise: torch.Generator
-    tokenizer: TextTokenizer
+    tokenizer: TextTokenizerContract
     batches: StepBatches
     step: int
     counters: dict[str, int]
@@ -102,7 +102,7 @@ def _write_checkpoint(t: Run, tmp: Path) -> None:
             write_json(tmp / "optimizer.json", meta)
         write_json(tmp / CONFIG_FILE, t.model.config.to_dict())
         write_json(tmp / "train_config.json", to_dict(t.cfg))
-        atomic_write(tmp / TOKENIZER_FILE, t.tokenizer.model_proto)
+        t.tokenizer.save(tmp)
         write_json(tmp / STATE, trainer_state(t))  # last: marks the directory complete
 
 
@@ -167,7 +167,7 @@ def export(t: Run) -> None:
         if t.sharded:  # the gathered weights, written like save_pretrained does (config.json last)
             save_weights(t, t.out / WEIGHTS_FILE)
             if t.main:
-                atomic_write(t.out / TOKENIZER_FILE, t.tokenizer.model_proto)
+                t.tokenizer.save(t.out)
                 write_json(t.out / CONFIG_FILE, t.model.config.to_dict())
         elif t.main:
             if t.ema is not None:

@@ -5,7 +5,8 @@ CORPUS items are .txt files or folders of them (one sentence or paragraph per li
 a training config (YAML / JSON) whose data sources supply the text. mmgen's special tokens
 (<bos>, <boi>, <eoi>, ...) are control symbols: text that spells them never becomes them.
 Use the result with `mmgen train CONFIG --tokenizer.path=DIR`. `run_tokenizer` is the tokenizer
-of a training run: the resumed checkpoint's, `tokenizer.path`, or one trained at start like this.
+of a training run: the resumed checkpoint's, the `model.init_from` checkpoint's (a Hugging Face one,
+`mmgen.tokenizers.hf_text`), `tokenizer.path`, or one trained at start like this.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pathlib import Path
 from mmgen.data.source import Source
 from mmgen.errors import ConfigError, DataError
 from mmgen.files import TOKENIZER_FILE, atomic_write
+from mmgen.tokenizers.hf_text import HF_TOKENIZER_FILE
 from mmgen.tokenizers.text import TextTokenizer
+from mmgen.tokenizers.text_contract import TextTokenizerContract, load_text_tokenizer
 from mmgen.train.data import corpus
+from mmgen.train.init_from import init_tokenizer
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
@@ -66,17 +70,26 @@ def corpus_texts(items: list[str], max_texts: int) -> list[str]:
 
 
 def run_tokenizer(section, sources: list[Source], out: Path, resume_dir: Path | None, main: bool,
-                  barrier: Callable[[], None]) -> TextTokenizer:
-    """The text tokenizer of a training run: the resumed checkpoint's, else `tokenizer.path`'s, else one
-    trained on the main process from the sources' text and written atomically to OUT/tokenizer.model.
+                  barrier: Callable[[], None], init_from: str | None = None) -> TextTokenizerContract:
+    """The text tokenizer of a training run: the resumed checkpoint's, else the `init_from` checkpoint's,
+    else `tokenizer.path`'s, else one trained on the main process from the sources' text and written
+    atomically to OUT/tokenizer.model.
 
     Args:
         section: the config's `TokenizerSection`.
         main: whether this is the main process (the one that trains and writes).
         barrier: waits for every process (the others read the file once the main one has written it).
+        init_from: `model.init_from`, a Hugging Face checkpoint directory (no tokenizer is trained).
+    Raises:
+        ConfigError: `init_from` with `tokenizer.path` (the checkpoint brings its own), or a bad path.
     """
-    if resume_dir and (resume_dir / TOKENIZER_FILE).is_file():
-        return TextTokenizer.load(resume_dir)
+    if resume_dir and any((resume_dir / f).is_file() for f in (TOKENIZER_FILE, HF_TOKENIZER_FILE)):
+        return load_text_tokenizer(resume_dir)
+    if init_from:
+        if section.path:
+            raise ConfigError(f"tokenizer.path = {section.path!r} with model.init_from: the checkpoint's own tokenizer "
+                              "is used (its embedding rows belong to it); remove tokenizer.path")
+        return init_tokenizer(init_from)
     if section.path:
         p = Path(section.path)
         path = p / TOKENIZER_FILE if p.is_dir() else p

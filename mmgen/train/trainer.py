@@ -7,9 +7,11 @@ labelled-token and image counts of every micro-batch on every process are summed
 
 and each process backpropagates its share times the process count (DDP averages gradients):
 P processes with G/P samples each compute the gradient of one process with all G. Then gradient
-clipping, the non-finite guard (skip the update, count it), AdamW with warmup + cosine decay, EMA,
-logs, sample grids, atomic checkpoints, and at the end `save_pretrained` with the EMA weights
-(what a checkpoint holds and how it is read back: `mmgen.train.state`). In code:
+clipping, the non-finite guard (skip the update, count it), fused AdamW with warmup + cosine decay,
+EMA, logs, sample grids, atomic checkpoints, and at the end `save_pretrained` with the EMA weights
+(what a checkpoint holds and how it is read back: `mmgen.train.state`). A step is decided on the
+device and read back only at log rows, grids and checkpoints (`take_step`, `account`); the speed
+options (attention kernel, compiled or checkpointed layers) are in docs/training_speed.md. In code:
 `run(load_config("digits-tiny", {"train.steps": 500, "out": "runs/x"}))`.
 """
 
@@ -27,6 +29,8 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmgen.attention import kernel_for
+from mmgen.checkpoint import load_hf_llama
 from mmgen.data.sources import build_source
 from mmgen.errors import ConfigError, TrainingError
 from mmgen.files import WEIGHTS_FILE, atomic_write, write_json
@@ -36,7 +40,9 @@ from mmgen.sequence import SequenceBuilder
 from mmgen.train.checkpoints import STATE, CheckpointManager, check_same_model, load_weights
 from mmgen.train.config import TrainConfig, resolve_model
 from mmgen.train.data import Mixture, StepBatches, TrainDataset, make_loader
-from mmgen.train.optim import EMA, lr_at, param_groups, trainable
+from mmgen.train.freeze import adapt, merge_for_saving
+from mmgen.train.layers import checkpoint_layers, compile_layers
+from mmgen.train.optim import EMA, adamw, lr_at, param_groups, step_unless, trainable
 from mmgen.train.overrides import to_dict
 from mmgen.train.packing import PackedBatch, Packer
 from mmgen.train.samples import draw_grid
@@ -44,16 +50,22 @@ from mmgen.train.state import export, restore, save_checkpoint, write_error
 from mmgen.train.text_tokenizer import run_tokenizer
 from mmgen.train.tracking import Tracker, summary
 
+# what `forward_backward` returns, summed over all processes, then what `take_step` adds
+SUMS = ("lm_sum", "ce_sum", "z_sum", "image_sum", "model_tokens", "model_images", "samples", "tokens", "slots",
+        "skipped", "truncated", "labelled", "images")
+RECORD = (*SUMS, "loss", "grad_norm", "skipped_step")
+
 
 class LossModule(nn.Module):
-    """Routes `MMGenModel.loss` through `forward`, where DDP / FSDP hook in."""
+    """Routes `MMGenModel.loss` (with keyword `options`, e.g. the attention kernel) through `forward`, where
+    DDP / FSDP hook in."""
 
-    def __init__(self, model: MMGenModel):
+    def __init__(self, model: MMGenModel, **options):
         super().__init__()
-        self.model = model
+        self.model, self.options = model, options
 
     def forward(self, batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        return self.model.loss(batch, generator)
+        return self.model.loss(batch, generator, **self.options)
 
 
 class Trainer:
@@ -72,9 +84,15 @@ class Trainer:
         self.resume_dir = self.ckpts.resolve(c.resume) if c.resume else None
         self.state = json.loads((self.resume_dir / STATE).read_text()) if self.resume_dir else {}
         self._build_model_and_data()
+        self.attention = check_attention(c.train.attention, self.acc.device)
+        if c.train.gradient_checkpointing:
+            checkpoint_layers(self.model.model.layers)
+        if c.train.compile:
+            compile_layers(self.model.model.layers)
         o = c.optim
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-        self.wrapped, self.optimizer = self.acc.prepare(LossModule(self.model), optimizer)
+        optimizer = adamw(param_groups(self.model, o.weight_decay), o.lr, o.betas, o.eps)
+        options = {"attention": self.attention} if self.attention != "dense" else {}  # dense: loss's default
+        self.wrapped, self.optimizer = self.acc.prepare(LossModule(self.model, **options), optimizer)
         self.names = {id(p): n for n, p in trainable(self.model).items()}
         self.ema = EMA(self.model, c.train.ema_decay) if c.train.ema_decay and self.main else None
         self.noise = torch.Generator(device=self.acc.device).manual_seed((c.seed + 1) * 1_000_003 + self.rank)
@@ -94,7 +112,7 @@ class Trainer:
         self.sources = [build_source(s, seed=c.seed, channels=img.channels, resolution=img.resolution,
                                      max_chars=4 * max_length, verbose=self.main) for s in c.data.sources]
         self.tokenizer = run_tokenizer(c.tokenizer, self.sources, self.out, self.resume_dir, self.main,
-                                       self.acc.wait_for_everyone)
+                                       self.acc.wait_for_everyone, c.model.init_from)
         if "vocab_size" not in c.model.backbone:
             model_cfg.backbone.vocab_size = len(self.tokenizer)
         elif model_cfg.backbone.vocab_size < len(self.tokenizer):
@@ -104,6 +122,9 @@ class Trainer:
             check_same_model(self.resume_dir, model_cfg.to_dict())
         set_seed(c.seed)  # python, numpy and torch global RNGs: the initialization, and anything else that draws
         self.model = MMGenModel(model_cfg, image_tokenizer)
+        if c.model.init_from and not self.resume_dir:  # resume wins over init_from: the checkpoint started from it
+            load_hf_llama(self.model, c.model.init_from)  # the appended tokens' rows: the mean of the others
+        adapt(self.model, c.model, self.sharded)  # freeze=text / LoRA: text frozen, adapters trained (train/freeze.py)
         if self.resume_dir:
             load_weights(self.model, self.resume_dir / WEIGHTS_FILE)
         builder = SequenceBuilder(self.tokenizer, img.channels, img.resolution, img.tokens_per_image, max_length)
@@ -117,18 +138,19 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def forward_backward(self, micro: list[PackedBatch]) -> tuple[list[float], float, float]:
+    def forward_backward(self, micro: list[PackedBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of the global-batch loss from this process's micro-batches (left in `.grad`).
 
-        Returns the sums over all processes [lm_sum, ce_sum, z_sum, image_sum, samples, tokens, slots,
-        skipped, truncated] and the global labelled-token and image counts (each at least 1).
+        Returns, on the device (no host synchronisation): the sums over all processes (float64, in the
+        order of `SUMS`) and the global labelled-token and image counts (0-dim float32, each at least 1).
         """
         acc, dev = self.acc, self.acc.device
         local = torch.tensor([sum(m.stats["labelled"] for m in micro), sum(m.stats["images"] for m in micro)],
                              dtype=torch.float64, device=dev)
-        tokens, images = acc.reduce(local, reduction="sum").clamp(min=1).tolist()  # global counts
+        counted = acc.reduce(local, reduction="sum")  # global counts (the packer's)
+        tokens, images = counted.clamp(min=1).float().unbind()
         self.wrapped.train()
-        parts = torch.zeros(4, dtype=torch.float64, device=dev)  # lm_sum, ce_sum, z_sum, image_sum
+        parts = torch.zeros(6, dtype=torch.float64, device=dev)  # lm_sum, ce_sum, z_sum, image_sum, the model's counts
         for i, mb in enumerate(micro):
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.wrapped)
             with sync:
@@ -136,54 +158,72 @@ class Trainer:
                     out = self.wrapped(mb.batch.to(dev), self.noise)
                 loss = (out["lm_sum"] / tokens + out["image_sum"] / images) * self.world
                 acc.backward(loss)
-            if int(out["tokens"]) != mb.stats["labelled"] or int(out["images"]) != mb.stats["images"]:
-                raise TrainingError(f"the model counted {int(out['tokens'])} labelled tokens and {int(out['images'])} "
-                                    f"images, the packer {mb.stats['labelled']} and {mb.stats['images']}")
             n = out["tokens"].double()
             parts += torch.stack([out["lm_sum"].detach().double(), out["lm"].double() * n, out["z"].double() * n,
-                                  out["image_sum"].detach().double()])
+                                  out["image_sum"].detach().double(), n, out["images"].double()])
         keys = ("samples", "tokens", "slots", "skipped", "truncated")
         counts = torch.tensor([sum(m.stats[k] for m in micro) for k in keys], dtype=torch.float64, device=dev)
-        return acc.reduce(torch.cat([parts, counts]), reduction="sum").tolist(), tokens, images
+        return torch.cat([acc.reduce(torch.cat([parts, counts]), reduction="sum"), counted]), tokens, images
 
-    def train_step(self, micro: list[PackedBatch], step: int) -> dict[str, float]:
-        """One optimizer step over this process's micro-batches; returns global (all-process) figures."""
+    def take_step(self, micro: list[PackedBatch], step: int) -> tuple[torch.Tensor, float]:
+        """One optimizer step over this process's micro-batches, the non-finite guard decided on the device:
+        a step whose loss or gradient norm is not finite leaves weights, AdamW moments and EMA as they were.
+        Returns its global figures (float64 (R,), in the order of `RECORD`; read by `account`) and its lr."""
         c, acc = self.cfg, self.acc
         lr = lr_at(step, c.optim.lr, c.optim.warmup_steps, c.train.steps, c.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        g, tokens, images = self.forward_backward(micro)
-        total = g[0] / tokens + g[3] / images
+        sums, _, _ = self.forward_backward(micro)
+        counts = sums[-2:].clamp(min=1)  # labelled tokens, images
+        total = sums[0] / counts[0] + sums[3] / counts[1]
         clip = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.wrapped.parameters(), clip))
-        finite = torch.isfinite(torch.tensor([total, grad_norm])).all().item()
-        if acc.scaler is not None:  # fp16: the grad scaler skips inf/NaN steps itself and lowers its scale
+        grad_norm = acc.clip_grad_norm_(self.wrapped.parameters(), clip).double()
+        if acc.scaler is not None:  # fp16: the grad scaler skips steps with inf/NaN gradients itself
+            skipped = ~torch.isfinite(grad_norm)
             self.optimizer.step()
-            skipped = acc.optimizer_step_was_skipped
         else:
-            skipped = not finite
-            if finite:
-                self.optimizer.step()
+            skipped = ~(torch.isfinite(total) & torch.isfinite(grad_norm))
+            step_unless(self.optimizer, skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        if not skipped and self.ema is not None:
-            self.ema.update(self.model)
-        k = self.counters
-        if skipped and self.main:
-            print(f"warning: step {step + 1}: non-finite loss ({total:.4g}) or gradient norm ({grad_norm:.4g}); "
-                  f"update skipped ({k['skipped_steps'] + 1} so far)", file=sys.stderr, flush=True)
-        k["skipped_steps"] += int(skipped)
-        k["nonfinite_in_a_row"] = k["nonfinite_in_a_row"] + 1 if skipped else 0
-        k["skipped_items"] += int(g[7])
-        k["truncated"] += int(g[8])
-        k["samples_seen"] += int(g[4])
-        k["tokens_seen"] += int(g[5])
-        if c.train.max_nonfinite and k["nonfinite_in_a_row"] >= c.train.max_nonfinite:
-            raise TrainingError(f"{k['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
-                                f"(step {step + 1}); lower optim.lr, set model.backbone.qk_norm=true or "
-                                "model.diffusion.z_loss=1e-5, or use bf16 instead of fp16")
-        return {"loss": total, "lm": g[1] / tokens, "z": g[2] / tokens, "image": g[3] / images,
-                "grad_norm": grad_norm, "lr": lr, "skipped": float(skipped), "samples": g[4], "tokens": g[5],
-                "slots": g[6]}
+        if self.ema is not None:
+            self.ema.update(self.model, ~skipped)
+        return torch.cat([sums, torch.stack([total, grad_norm, skipped.double()])]), lr
+
+    def account(self, taken: list[tuple[torch.Tensor, float, int]]) -> list[dict[str, float]]:
+        """Read back steps (figures, lr, step) taken since the last call (one host synchronisation) and count
+        them in order as they happened: skipped-step warnings and counters, the non-finite limit (raised
+        naming the step that reached it), the model's counts against the packer's. Returns each step's row."""
+        c, k, rows = self.cfg, self.counters, []
+        for values, (_, lr, step) in zip(torch.stack([f for f, _, _ in taken]).tolist(), taken):
+            f = dict(zip(RECORD, values))
+            if f["model_tokens"] != f["labelled"] or f["model_images"] != f["images"]:
+                raise TrainingError(f"step {step + 1}: the model counted {f['model_tokens']:.0f} labelled tokens "
+                                    f"and {f['model_images']:.0f} images, the packer {f['labelled']:.0f} and "
+                                    f"{f['images']:.0f}")
+            skipped = f["skipped_step"] > 0
+            if skipped and self.main:
+                print(f"warning: step {step + 1}: non-finite loss ({f['loss']:.4g}) or gradient norm "
+                      f"({f['grad_norm']:.4g}); update skipped ({k['skipped_steps'] + 1} so far)",
+                      file=sys.stderr, flush=True)
+            k["skipped_steps"] += int(skipped)
+            k["nonfinite_in_a_row"] = k["nonfinite_in_a_row"] + 1 if skipped else 0
+            for key, field in (("skipped_items", "skipped"), ("truncated", "truncated"),
+                               ("samples_seen", "samples"), ("tokens_seen", "tokens")):
+                k[key] += int(f[field])
+            if c.train.max_nonfinite and k["nonfinite_in_a_row"] >= c.train.max_nonfinite:
+                raise TrainingError(f"{k['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+                                    f"(step {step + 1}); lower optim.lr, set model.backbone.qk_norm=true or "
+                                    "model.diffusion.z_loss=1e-5, or use bf16 instead of fp16")
+            tokens, images = max(f["labelled"], 1.0), max(f["images"], 1.0)
+            rows.append({"loss": f["loss"], "lm": f["ce_sum"] / tokens, "z": f["z_sum"] / tokens,
+                         "image": f["image_sum"] / images, "grad_norm": f["grad_norm"], "lr": lr,
+                         "skipped": float(skipped), "samples": f["samples"], "tokens": f["tokens"],
+                         "slots": f["slots"]})
+        return rows
+
+    def train_step(self, micro: list[PackedBatch], step: int) -> dict[str, float]:
+        """One optimizer step, read back at once (`take_step`, then `account`); returns its global figures."""
+        return self.account([(*self.take_step(micro, step), step)])[0]
 
     def fit(self) -> Path:
         """Train from the current step to `train.steps`; checkpoint, log, sample; export; return OUT.
@@ -197,6 +237,7 @@ class Trainer:
             raise write_error(self, e, f"the run's files in {self.out}") from None
         if start >= total and self.main:
             print(f"{self.resume_dir} is already at step {total}: nothing to train; exporting")
+        self.ema = merge_for_saving(self.model, self.ema)  # adapters (if any) folded into plain weights
         export(self)
         if c.eval.digits and self.main:
             self.evaluate()
@@ -204,7 +245,8 @@ class Trainer:
         return self.out
 
     def _steps(self, start: int, total: int) -> None:
-        """The loop of `fit`: steps `start` to `total`, with logs, sample grids and checkpoints."""
+        """The loop of `fit`: steps `start` to `total`, with logs, sample grids and checkpoints. Steps are read
+        back (`account`: the one host synchronisation) only where a log row, grid or checkpoint needs them."""
         c = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -215,36 +257,45 @@ class Trainer:
         loader = iter(make_loader(self.dataset, self.batches, self.packer, c.data.num_workers))
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (self.main and c.log.progress))
-        window: list[tuple[dict, float]] = []
+        taken: list[tuple[torch.Tensor, float, int]] = []  # steps not read back yet
+        window: list[dict] = []  # steps read back, not logged yet
+        seconds, t0 = 0.0, time.perf_counter()
         try:
             for step in range(start, total):
-                t0 = time.perf_counter()
                 micro = [next(loader) for _ in range(c.train.grad_accum)]
-                window.append((self.train_step(micro, step), time.perf_counter() - t0))
+                taken.append((*self.take_step(micro, step), step))
                 self.step = step + 1
                 bar.update(1)
-                if self.step % c.log.every == 0 or self.step == total:
-                    row = self._row(window)
-                    window = []
+                log = self.step % c.log.every == 0 or self.step == total
+                grid = c.samples.every and c.samples.prompts and (self.step % c.samples.every == 0 or self.step == total)
+                save = (c.checkpoint.every and self.step % c.checkpoint.every == 0) or self.step == total
+                if not (log or grid or save):
+                    continue  # no host synchronisation between these points
+                window += self.account(taken)
+                taken, seconds = [], seconds + time.perf_counter() - t0
+                if log:
+                    row = self._row(window, seconds)
+                    window, seconds = [], 0.0
                     tracker.log(row)
                     if self.main:
                         bar.write(summary(row, total)) if not bar.disable else print(summary(row, total), flush=True)
-                if c.samples.every and c.samples.prompts and (self.step % c.samples.every == 0 or self.step == total):
+                if grid:
                     self.sample_grid()
-                if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or self.step == total:
+                if save:
                     save_checkpoint(self)
+                t0 = time.perf_counter()
         finally:
             bar.close()
             tracker.close()
 
-    def _row(self, window: list[tuple[dict, float]]) -> dict:
+    def _row(self, window: list[dict], seconds: float) -> dict:
+        """The log row of the steps in `window`, which took `seconds` of wall-clock."""
         n = len(window)
-        mean = {k: sum(r[k] for r, _ in window) / n for k in ("loss", "lm", "image", "z", "grad_norm")}
-        tokens, slots, seconds = (sum(r["tokens"] for r, _ in window), sum(r["slots"] for r, _ in window),
-                                  sum(t for _, t in window))
-        return {"step": self.step, "epoch": self.batches.epoch_of(self.step - 1), **mean, "lr": window[-1][0]["lr"],
+        mean = {k: sum(r[k] for r in window) / n for k in ("loss", "lm", "image", "z", "grad_norm")}
+        tokens, slots = sum(r["tokens"] for r in window), sum(r["slots"] for r in window)
+        return {"step": self.step, "epoch": self.batches.epoch_of(self.step - 1), **mean, "lr": window[-1]["lr"],
                 "tokens_per_s": tokens / max(seconds, 1e-9), "padding": 1 - tokens / max(slots, 1),
-                "samples": int(sum(r["samples"] for r, _ in window)), "tokens": int(tokens),
+                "samples": int(sum(r["samples"] for r in window)), "tokens": int(tokens),
                 "skipped_steps": self.counters["skipped_steps"], "skipped_items": self.counters["skipped_items"],
                 "truncated": self.counters["truncated"], "seconds": seconds}
 
@@ -258,14 +309,19 @@ class Trainer:
               f"{self.world} × {c.train.grad_accum} × {self.batches.micro}; steps {self.step} -> {c.train.steps} "
               f"({self.batches.steps_per_epoch} per epoch); data: {src}; packing {c.data.packing}; out: {self.out}"
               + (f"; resuming from {self.resume_dir}" if self.resume_dir else ""), flush=True)
+        on = [k for k in ("gradient_checkpointing", "compile") if getattr(c.train, k)]
+        print(f"speed: attention {self.attention}, fused AdamW{''.join(', ' + k for k in on)}", flush=True)
+        if c.train.compile:
+            print("compiling the decoder layers with torch.compile… (the first steps are slow)", flush=True)
 
     # -- side outputs ----------------------------------------------------------------------------
 
     def sample_grid(self) -> None:
         """A PNG grid (one row per prompt) drawn with the EMA weights, on the main process."""
-        if self.main:
-            draw_grid(self.model, self.tokenizer, self.ema, self.cfg.samples,
-                      self.out / "samples" / f"step_{self.step:08d}.png")
+        if self.main:  # compiled layers run eagerly here: the cached decoding shapes would only recompile them
+            with torch.compiler.set_stance("force_eager"):
+                draw_grid(self.model, self.tokenizer, self.ema, self.cfg.samples,
+                          self.out / "samples" / f"step_{self.step:08d}.png")
 
     def evaluate(self) -> dict:
         """The bundled digits evaluation of the exported model: prompted-class and caption accuracy."""
@@ -297,6 +353,16 @@ def make_accelerator(c: TrainConfig):
         print(f"warning: {precision} autocast is not available on {acc.device} (accelerate turns it off); training "
               "in float32" + (" — use bf16 on CPUs" if precision == "fp16" else ""), file=sys.stderr)
     return acc
+
+
+def check_attention(setting: str, device: torch.device) -> str:
+    """The kernel `train.attention` resolves to on `device` (`mmgen.attention.kernel_for`); flex trains on CUDA only."""
+    kernel = kernel_for(setting, device)
+    if kernel == "flex" and device.type != "cuda":
+        raise ConfigError(f"train.attention=flex: FlexAttention has no backward pass on {device.type} in torch "
+                          f"{torch.__version__.split('+')[0]}; use --train.attention=auto (flex on CUDA, dense "
+                          "elsewhere) or dense")
+    return kernel
 
 
 def check_distributed(acc, c: TrainConfig) -> bool:
