@@ -176,6 +176,9 @@ class HeadConfig:
             raise ConfigError(f"head objective must be 'eps', 'v' or 'flow', got {self.objective!r}")
 
 
+DEFAULT_CODE_INPUT_NOISE = 0.2  # ImageConfig.code_input_noise when images are read as latents or features
+
+
 @dataclass
 class ImageConfig:
     """How images meet the backbone.
@@ -204,6 +207,8 @@ class ImageConfig:
         while its targets stay the true codes, so drawing recovers from its own sampling mistakes.
         Images read as codes already get it (the capped corruption of `max_t_when_conditioning`);
         with another understanding_input the codes are only ever seen clean, and this is the knob.
+        None (default): `DEFAULT_CODE_INPUT_NOISE` when understanding_input is not "codes", else 0
+        (`input_code_noise` gives the value in use).
     """
 
     interface: str = "diffusion"
@@ -212,10 +217,11 @@ class ImageConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     understanding_input: str = "codes"
     understanding_encoder: str | None = None
-    code_input_noise: float = 0.0
+    code_input_noise: float | None = None
 
     def __post_init__(self) -> None:
-        check_number("code_input_noise", self.code_input_noise, low=0, high=1, error=ConfigError)
+        if self.code_input_noise is not None:
+            check_number("code_input_noise", self.code_input_noise, low=0, high=1, error=ConfigError)
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build(ImageTokenizerConfig, self.tokenizer, "tokenizer")
         if isinstance(self.head, dict):
@@ -223,6 +229,14 @@ class ImageConfig:
         _at_least(self, 1, "patch_size")
         if self.tokenizer.grid % self.patch_size:
             raise ConfigError(f"latent grid {self.tokenizer.grid} is not divisible by patch_size={self.patch_size}")
+
+    @property
+    def input_code_noise(self) -> float:
+        """The code_input_noise in use: as set, else DEFAULT_CODE_INPUT_NOISE for codes read another way than
+        as codes (measured on the digits: drawing at guidance 3 fell to 63% without it, 99% with 0.2)."""
+        if self.code_input_noise is not None:
+            return self.code_input_noise
+        return DEFAULT_CODE_INPUT_NOISE if self.understanding_input != "codes" and self.tokenizer.discrete else 0.0
 
     @property
     def channels(self) -> int:

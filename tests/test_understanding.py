@@ -133,5 +133,7 @@ def test_code_input_noise_corrupts_drawn_images_inputs_in_training_only(tokenize
     model.image.input_noise = 0.0
     inputs, _ = model.image.train_inputs(tokens, drawn, torch.Generator().manual_seed(0))
     assert torch.equal(inputs, clean)  # the default: drawn images are teacher-forced with clean codes
+    assert make("discrete", len(tokenizer), "latents").image.input_noise == 0.2  # the default reading latents
+    assert make("discrete", len(tokenizer)).image.input_noise == 0.0  # codes read as codes: already corrupted
     with pytest.raises(ValueError, match="code_input_noise = 0.1: the 'diffusion' interface has no input codes"):
         MMGenModel(ModelConfig(image=ImageConfig(code_input_noise=0.1)))

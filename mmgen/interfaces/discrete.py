@@ -42,7 +42,7 @@ class DiscreteInterface(CausalInterface):
         super().__init__(config)
         k, d = self.cfg.tokenizer.codebook_size, self.hidden_size
         self.max_corruption = config.diffusion.max_t_when_conditioning
-        self.input_noise = config.image.code_input_noise
+        self.input_noise = config.image.input_code_noise
         self.code_embed = nn.Embedding(k, d)
         self.code_head = nn.Linear(d, k, bias=False)
 
@@ -74,7 +74,8 @@ class DiscreteInterface(CausalInterface):
         uniform up to `max_t_when_conditioning`, the discrete counterpart of the capped noise on
         conditioning images: without it a small dataset's code sequences are memorized (on the
         digits, captions of held-out images fell to 31% against 99% on the training images). For the
-        images the model draws it is uniform up to `image.code_input_noise` (0: clean teacher forcing)."""
+        images the model draws it is uniform up to `image.input_code_noise` (0: clean teacher forcing; 0.2
+        by default when images are read as latents or features)."""
         codes = tokens.codes.flatten(1)  # (N, L)
         n, l = codes.shape
         cond = conditions.to(codes.device)

@@ -23,7 +23,8 @@ MODEL_HELP = {
                                        "(tokenizer latents before quantization) or encoder (a frozen vision model)",
     "model.image.understanding_encoder": "local Hugging Face vision model directory for understanding_input=encoder",
     "model.image.code_input_noise": "discrete/hybrid: up to this share of a drawn image's input codes is random "
-                                    "in training (noisy teacher forcing; 0.2 with understanding_input=latents)",
+                                    "in training (noisy teacher forcing); default: 0.2 with understanding_input "
+                                    "latents/encoder, else 0",
     "model.image.patch_size": "latent cells per token along each side (unset: 1 for codes and for 2×2 grids, else "
                               "the preset's)",
     "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
