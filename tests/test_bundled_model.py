@@ -82,3 +82,33 @@ def test_a_shapes_request_gets_the_color_asked_for(chat):
     assert classify_color(np.asarray(image.convert("RGB")).reshape(-1, 3)) == "red"
     assert any("red" in p for p in reply if isinstance(p, str))
     assert torch.is_tensor(load_image(image, 3, 16))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_bundle_writes_a_directory_that_loads_with_its_tokenizer_and_digest(kind, tmp_path):
+    """`python -m mmgen.bundle`: float16 weights, the text tokenizer's own files (SentencePiece, or a
+    pretrained checkpoint's tokenizer.json and companions) and the tokenizer digest in the weights' header."""
+    from conftest import micro_config
+    from test_hf_tokenizer import tiny_hf_tokenizer
+
+    from mmgen.bundle import bundle
+    from mmgen.files import TOKENIZER_DIGEST, read_weights_metadata
+    from mmgen.model import MMGenModel
+    from mmgen.pipeline import Pipeline
+    from mmgen.tokenizers.hf_text import HFTextTokenizer
+
+    if kind == "hf":
+        (tmp_path / "hf").mkdir()
+        tiny_hf_tokenizer("llama").save_pretrained(tmp_path / "hf")
+        tokenizer = HFTextTokenizer.load(tmp_path / "hf")
+    else:
+        tokenizer = Chat.from_pretrained().tokenizer
+    model = MMGenModel(micro_config(len(tokenizer)))
+    model.save_pretrained(tmp_path / "run", tokenizer)
+    out = bundle(tmp_path / "run", tmp_path / "bundled")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert read_weights_metadata(out / "model.safetensors")[TOKENIZER_DIGEST] == tokenizer.digest()
+    loaded = Pipeline.from_pretrained(out)
+    assert loaded.tokenizer.encode("a handwritten digit 7 <boi>") == tokenizer.encode("a handwritten digit 7 <boi>")
+    for name, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name].half().float(), msg=name)
