@@ -11,6 +11,11 @@ tokens). Options are `GenerationOptions` fields (max_new_tokens, temperature, to
 guidance, sampler, image_steps, …) plus `seed`, `image` ("auto": the model decides, "always":
 the answer starts with an image, "never": text only), `size` (checked against the model's image
 size) and `scale` (nearest-neighbour upscaling of returned images, 1 to MAX_UPSCALE).
+Best-of-N (`best_of=N`, `chat(...)` and `batch(...)` only): each conversation is answered N times in one
+batch (answer k with seed + i·N + k); the answer kept is the one whose drawn images give the last user
+message's text the highest log-likelihood (`mmgen.scoring`; a reply without an image scores -inf, and
+the first answer is kept when none drew one). Its images carry the scores in `PIL.Image.info`:
+`mmgen_score` (its own), `mmgen_scores` (every candidate's, in seed order) and `mmgen_seed`.
 Errors are raised before any work: a bad option (any of those) raises `OptionError` naming it, its
 value and what is allowed; a conversation or image the template cannot take raises `ChatError`.
 Both are `MMGenError`s and `ValueError`s.
@@ -35,6 +40,7 @@ from mmgen.files import CONFIG_FILE
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline, to_pil
 from mmgen.sampling import MAX_SEED
+from mmgen.scoring import score_images
 from mmgen.tokenizers.image import ImageTokens
 
 IMAGE_MODES = ("auto", "always", "never")
@@ -166,6 +172,10 @@ class Chat:
         input raise before the first event. Leaving the loop early stops generation at its next event."""
         self.check_seed_and_scale(seed, scale)
         opts, force = self.options(image, size, **options)
+        if opts.best_of > 1:
+            raise OptionError(f"best_of = {opts.best_of} applies to chat(...) and chat.batch(...), which draw the "
+                              "candidates together and return the best; stream shows one drawing as it happens: "
+                              "leave best_of at 1 here")
         prompt = self.prompt(messages)
         ids: list[int] = []  # the text tokens since the last image
         text, images = "", 0
@@ -203,20 +213,39 @@ class Chat:
     def _generate(self, conversations, seed, image, size, scale, options) -> list[list]:
         if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence) or not conversations:
             raise ChatError("give a non-empty list of conversations (each a list of messages)")
-        self.check_seed_and_scale(seed, scale, len(conversations))
         opts, force = self.options(image, size, **options)
+        self.check_seed_and_scale(seed, scale, len(conversations) * opts.best_of)
         prompts = [self.prompt(c) for c in conversations]
-        return self._run(prompts, seed, opts, force, scale)
-
-    def _run(self, prompts, seed, opts, force, scale) -> list[list]:
+        n = opts.best_of
         try:
-            rows = self.pipe.engine.generate(prompts, opts, seed=seed, force_image=force,
-                                             stop=[self.tokenizer.end_id])
+            rows = self.pipe.engine.generate([p for p in prompts for _ in range(n)], opts, seed=seed,
+                                             force_image=force, stop=[self.tokenizer.end_id])
         except OptionError:
             raise
         except ValueError as e:  # e.g. no room left in the context for a forced image
             raise ChatError(str(e)) from None
-        return self._parts(rows, scale)
+        if n == 1:
+            return self._parts(rows, scale)
+        texts = [parse_messages(c)[-1].text for c in conversations]
+        return [self._best(rows[i * n:(i + 1) * n], texts[i], seed + i * n, scale) for i in range(len(prompts))]
+
+    def _best(self, candidates: list[list], text: str, first_seed: int, scale: int) -> list:
+        """The candidate answer whose images score best for `text` (the mean over its images; -inf without
+        one), as parts, its images carrying the scores in `info`."""
+        drawn = [[seg for seg in row if isinstance(seg, torch.Tensor)] for row in candidates]
+        if not any(drawn):
+            return self._parts(candidates[:1], scale)[0]
+        flat = torch.stack([im for row in drawn for im in row])  # (M, C, H, W), every candidate's images
+        totals, scores, at = score_images(self.model, self.pipe.builder, flat, text).total.tolist(), [], 0
+        for row in drawn:
+            scores.append(sum(totals[at:at + len(row)]) / len(row) if row else float("-inf"))
+            at += len(row)
+        best = max(range(len(candidates)), key=scores.__getitem__)
+        parts = self._parts([candidates[best]], scale)[0]
+        for part in parts:
+            if isinstance(part, Image.Image):
+                part.info.update(mmgen_score=scores[best], mmgen_scores=scores, mmgen_seed=first_seed + best)
+        return parts
 
     def _parts(self, rows: list[list], scale: int) -> list[list]:
         """Engine outputs (token-id lists and image tensors per row) -> text strings and PIL images."""

@@ -1,4 +1,4 @@
-"""`mmgen train | train-text-tokenizer | generate | caption | chat | serve | export-hf | train-tokenizer |
+"""`mmgen train | train-text-tokenizer | generate | caption | score | chat | serve | export-hf | train-tokenizer |
 compare-tokenizers`: the command-line entry points.
 
 Outputs are checked before any work starts. A failure mmgen expects (its errors, a file that cannot be
@@ -20,7 +20,7 @@ from mmgen.errors import InputError, ModelFileError, OptionError
 from mmgen.export_hf import add_export_parser
 from mmgen.files import CONFIG_FILE, DTYPES, atomic_write, load_device, save_image_grid
 from mmgen.outputs import check_output_dir, check_output_file, exit_on_error, output_error
-from mmgen.sampling import MAX_SEED
+from mmgen.sampling import MAX_BEST_OF, MAX_SEED
 from mmgen.serve.cli import add_serve_parser
 
 
@@ -113,10 +113,14 @@ def cmd_generate(args) -> None:
     for path in paths:  # before the model loads: a bad -o fails in a second, not after the drawing
         check_output_file(path, "-o", create=False)
     fmt = _image_format(out, args.grid and args.n > 1)
-    options = _options(args)
+    options = _options(args, best_of=args.best_of)
     pipe = _load(args)
-    with _progress(args.steps, "draw") as tick:  # the n images are drawn together, one tick per step
-        images = pipe.draw([args.prompt] * args.n, options, seed=args.seed, progress=tick)
+    with _progress(args.steps, "draw") as tick:  # the n images (× best_of) are drawn together, one tick per step
+        if args.best_of > 1:
+            best = pipe.draw_best([args.prompt] * args.n, options, seed=args.seed, progress=tick)
+            images = [b.image for b in best]
+        else:
+            best, images = [], pipe.draw([args.prompt] * args.n, options, seed=args.seed, progress=tick)
     target = out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,9 @@ def cmd_generate(args) -> None:
     except OSError as e:
         raise output_error(e, target, "-o") from None
     print("\n".join(map(str, paths)))
+    for i, b in enumerate(best):
+        print(f"image {i}: best of {args.best_of} (seed {b.seeds[b.index]}), log p(prompt | image) = "
+              f"{b.scores[b.index]:.3f}; candidates: {' '.join(f'{x:.3f}' for x in b.scores.tolist())}")
 
 
 def cmd_caption(args) -> None:
@@ -151,6 +158,28 @@ def cmd_caption(args) -> None:
     if failed:
         raise InputError(f"{failed} of {len(args.images)} image file(s) could not be read (each is named above); "
                          "their captions are missing")
+
+
+def cmd_score(args) -> None:
+    """`mmgen score IMAGE... --prompt TEXT`: print "PATH<tab>score<tab>per token" per readable image, best
+    first (the model's log-likelihood of the prompt given the image, `mmgen.scoring`); unreadable files are
+    reported on stderr, and then the command fails (status 2)."""
+    pipe = _load(args)
+    readable = []
+    for path in args.images:
+        try:
+            readable.append((path, pipe.image(Path(path))))
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    if readable:
+        scores = pipe.score([image for _, image in readable], args.prompt)
+        order = scores.total.argsort(descending=True, stable=True).tolist()
+        for i in order:
+            print(f"{readable[i][0]}\t{scores.total[i]:.4f}\t{scores.per_token[i]:.4f}")
+    failed = len(args.images) - len(readable)
+    if failed:
+        raise InputError(f"{failed} of {len(args.images)} image file(s) could not be read (each is named above); "
+                         "their scores are missing")
 
 
 def cmd_train_tokenizer(args) -> None:
@@ -277,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=integer(1), default=1, help="number of images")
     p.add_argument("--grid", action="store_true", help="save the n images as one grid")
     p.add_argument("--scale", type=integer(1, 64), default=8, help="nearest-neighbour upscaling of the saved PNG")
+    p.add_argument("--best-of", type=integer(1, MAX_BEST_OF), default=1,
+                   help="draw this many candidates per image and keep the one the model itself scores best "
+                        "(log p(prompt | image)); prints the scores")
     _sampling_args(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -285,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=integer(1), default=24)
     _sampling_args(p)
     p.set_defaults(fn=cmd_caption)
+
+    p = sub.add_parser("score", help="rank images by how well the model finds they show a text",
+                       description="Print each image's score, best first: PATH, log p(prompt <eos> | image) summed "
+                                   "over the prompt's tokens, and per token (the image -> caption direction).")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--prompt", type=text, required=True, help="the text to score the images against")
+    p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
+    add_load_args(p)
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("chat", help="talk with the model: text and images in, text and images out",
                        description="Interactive chat. /image TEXT forces an image, /text TEXT text only, /attach PATH "

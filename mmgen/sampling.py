@@ -4,7 +4,9 @@
 against its documented range when it is made (at most MAX_STEPS denoising steps). The text fields
 belong to the engine; the image fields (`IMAGE_OPTIONS`) are handed to the image interface, which
 takes the subset it understands as its own typed dataclass (`ImageInterface.options`) and rejects
-the others when they are set, so no option is silently ignored.
+the others when they are set, so no option is silently ignored. `best_of` (CALLER_OPTIONS) belongs
+to the callers above the engine, which draw that many candidates per image and keep the one the model
+scores best (`Pipeline.draw_best`, `Chat`, `mmgen generate --best-of`); the engine draws rows.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from mmgen.errors import OptionError, check_choice, check_number
 MAX_SEED = 2**32 - 1  # seeds are integers in [0, MAX_SEED]; row i of a batch uses seed + i
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # below: greedy up to rounding (give 0); above: uniform noise
 MIN_SHIFT, MAX_SHIFT = 0.01, 100.0  # flow shifts in use lie within 0.3-10
+MAX_BEST_OF = 64  # candidates per image: each is a full drawing, so N costs about N times the time
 NOISES = ("brownian", "iid")
 TEXT_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "max_images")
+CALLER_OPTIONS = ("best_of",)
 RANGES = {  # the plain numeric fields, as `check_number` bounds
     "max_new_tokens": dict(low=1, integer=True),
     "top_k": dict(low=0, integer=True),
@@ -34,6 +38,7 @@ RANGES = {  # the plain numeric fields, as `check_number` bounds
     "max_images": dict(low=0, integer=True),
     "image_top_k": dict(low=0, integer=True),
     "cache_threshold": dict(low=0),
+    "best_of": dict(low=1, high=MAX_BEST_OF, integer=True),
 }
 
 
@@ -71,6 +76,8 @@ class GenerationOptions:
     scale); `cache_threshold` τ ≥ 0 of First Block Cache (0 = off). Codes are sampled with
     `image_temperature` (the range of `temperature`) and `image_top_k` ≥ 0; the MLP head scales its
     starting noise by `image_temperature` (MAR: 0.95 without CFG).
+    Best-of: `best_of` candidates, 1 to MAX_BEST_OF, per image a `Pipeline` or `Chat` draws, the one
+    whose image gives the prompt the highest log-likelihood kept (`mmgen.scoring`); 1 is plain drawing.
     """
 
     max_new_tokens: int = 64
@@ -89,6 +96,7 @@ class GenerationOptions:
     noise: str = "brownian"
     guidance: float | Guidance = 3.0
     cache_threshold: float = 0.0
+    best_of: int = 1
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():
@@ -120,7 +128,8 @@ class GenerationOptions:
         return options_class(**{n: getattr(self, n) for n in accepted})
 
 
-IMAGE_OPTIONS = tuple(f.name for f in dataclasses.fields(GenerationOptions) if f.name not in TEXT_OPTIONS)
+IMAGE_OPTIONS = tuple(f.name for f in dataclasses.fields(GenerationOptions)
+                      if f.name not in TEXT_OPTIONS + CALLER_OPTIONS)
 DEFAULTS = GenerationOptions()
 
 
