@@ -218,7 +218,8 @@ class Chat:
         prompts = [self.prompt(c) for c in conversations]
         n = opts.best_of
         try:
-            rows = self.pipe.engine.generate([p for p in prompts for _ in range(n)], opts, seed=seed,
+            rows = self.pipe.engine.generate([p for p in prompts for _ in range(n)],
+                                             dataclasses.replace(opts, best_of=1), seed=seed,
                                              force_image=force, stop=[self.tokenizer.end_id])
         except OptionError:
             raise

@@ -152,6 +152,9 @@ class Engine:
             `mmgen.events`: Token, ImageStart, ImageStep, ImageDone, RowDone as they happen, then Done.
         """
         opts = options or GenerationOptions()
+        if opts.best_of != 1:
+            raise OptionError(f"best_of = {opts.best_of}: the engine draws one answer per row; best-of-N is chosen "
+                              "by Pipeline.draw / draw_best and Chat (mmgen.scoring), or give the engine N rows")
         image_opts = self.model.image.options(opts)  # checked before any work
         rows = self._start(prompts, opts, seed, force_image, max_new_tokens)
         ends = {self.tok.eos_id, *stop}

@@ -198,7 +198,7 @@ class Pipeline:
     def _draw_rows(self, prompts: list[str], opts: GenerationOptions, seed: int | list[int],
                    progress: Callable[[ImageStep], None] | None) -> list[Tensor]:
         """One image per prompt in one engine call (seed: a base, or one per row)."""
-        opts = dataclasses.replace(opts, max_new_tokens=1, max_images=1)
+        opts = dataclasses.replace(opts, max_new_tokens=1, max_images=1, best_of=1)  # candidates are rows here
         for event in self.engine.stream([[p] for p in prompts], opts, seed=seed, force_image=True):
             if isinstance(event, ImageStep) and progress is not None:
                 progress(event)

@@ -130,3 +130,8 @@ def test_a_digit_scores_higher_with_its_own_caption(pipe):
     own = score_images(pipe.model, pipe.builder, images, [f"a handwritten digit {d}" for d in range(10)]).total
     other = score_images(pipe.model, pipe.builder, images, [f"a handwritten digit {(d + 1) % 10}" for d in range(10)])
     assert (own > other.total).all(), (own, other.total)
+
+
+def test_the_engine_refuses_best_of_instead_of_ignoring_it(pipe):
+    with pytest.raises(OptionError, match="best_of = 4: the engine draws one answer per row"):
+        pipe.engine.generate([[pipe.tokenizer.encode("a handwritten digit 3")]], GenerationOptions(best_of=4))
