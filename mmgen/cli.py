@@ -139,25 +139,36 @@ def cmd_generate(args) -> None:
               f"{b.scores[b.index]:.3f}; candidates: {' '.join(f'{x:.3f}' for x in b.scores.tolist())}")
 
 
+def read_images(pipe, paths: list[str]) -> list[tuple[str, object]]:
+    """(path, image tensor) for each readable file, in order; each unreadable one is named on stderr."""
+    readable = []
+    for path in paths:
+        try:
+            readable.append((path, pipe.image(Path(path))))
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    return readable
+
+
+def fail_if_unread(paths: list[str], readable: list, missing: str) -> None:
+    """After the readable files were handled: fail (status 2) if any file could not be read."""
+    failed = len(paths) - len(readable)
+    if failed:
+        raise InputError(f"{failed} of {len(paths)} image file(s) could not be read (each is named above); "
+                         f"their {missing} are missing")
+
+
 def cmd_caption(args) -> None:
     """`mmgen caption IMAGE...`: print "PATH<tab>caption" per readable image, in order; each unreadable
     one is reported on stderr, and then the command fails (status 2)."""
     options = _options(args, max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
                        max_images=0)
     pipe = _load(args)
-    readable = []
-    for path in args.images:
-        try:
-            readable.append((path, pipe.image(Path(path))))
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    readable = read_images(pipe, args.images)
     captions = pipe.caption([image for _, image in readable], options) if readable else []
     for (path, _), caption in zip(readable, captions):
         print(f"{path}\t{caption}")
-    failed = len(args.images) - len(readable)
-    if failed:
-        raise InputError(f"{failed} of {len(args.images)} image file(s) could not be read (each is named above); "
-                         "their captions are missing")
+    fail_if_unread(args.images, readable, "captions")
 
 
 def cmd_score(args) -> None:
@@ -165,21 +176,13 @@ def cmd_score(args) -> None:
     first (the model's log-likelihood of the prompt given the image, `mmgen.scoring`); unreadable files are
     reported on stderr, and then the command fails (status 2)."""
     pipe = _load(args)
-    readable = []
-    for path in args.images:
-        try:
-            readable.append((path, pipe.image(Path(path))))
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    readable = read_images(pipe, args.images)
     if readable:
         scores = pipe.score([image for _, image in readable], args.prompt)
         order = scores.total.argsort(descending=True, stable=True).tolist()
         for i in order:
             print(f"{readable[i][0]}\t{scores.total[i]:.4f}\t{scores.per_token[i]:.4f}")
-    failed = len(args.images) - len(readable)
-    if failed:
-        raise InputError(f"{failed} of {len(args.images)} image file(s) could not be read (each is named above); "
-                         "their scores are missing")
+    fail_if_unread(args.images, readable, "scores")
 
 
 def cmd_train_tokenizer(args) -> None:
