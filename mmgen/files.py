@@ -227,28 +227,32 @@ def _build(build: Callable[[dict[str, Any]], nn.Module], raw: dict[str, Any], co
         hook.remove()
 
 
-def read_json_object(path: str | Path) -> dict[str, Any]:
+def read_json_object(path: str | Path, fix: str = "fix the file, or copy the config.json that was saved with the "
+                     "model") -> dict[str, Any]:
     """The JSON object in the file `path`; a ModelFileError names the file if it is not UTF-8 text, not
-    JSON, or JSON but not an object (a list, a number)."""
+    JSON, or JSON but not an object (a list, a number), and ends with `fix`."""
     path = Path(path)
-    fix = "fix the file, or copy the config.json that was saved with the model"
+    return parse_json_object(path.read_bytes(), str(path), fix)
+
+
+def parse_json_object(data: bytes, source: str, fix: str) -> dict[str, Any]:
+    """The JSON object in `data` (the bytes of `source`, which errors name); ModelFileError as above."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ModelFileError(f"{path} is not UTF-8 text (byte {e.start} is invalid): not a JSON config; "
-                             f"{fix}") from None
+        raise ModelFileError(f"{source} is not UTF-8 text (byte {e.start} is invalid): not JSON; {fix}") from None
     if not text.strip():
-        raise ModelFileError(f"{path} is empty; {fix}")
+        raise ModelFileError(f"{source} is empty; {fix}")
     try:
-        data = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
-        raise ModelFileError(f"{path} is not valid JSON: {e.msg} at {where}; {fix}") from None
+        raise ModelFileError(f"{source} is not valid JSON: {e.msg} at {where}; {fix}") from None
     except RecursionError:
-        raise ModelFileError(f"{path} is not a config: its JSON is nested too deeply; {fix}") from None
-    if not isinstance(data, dict):
-        raise ModelFileError(f"{path} holds a JSON {type(data).__name__}, not an object of config fields; {fix}")
-    return data
+        raise ModelFileError(f"{source} is not a config: its JSON is nested too deeply; {fix}") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{source} holds a JSON {type(value).__name__}, not an object of config fields; {fix}")
+    return value
 
 
 def read_weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

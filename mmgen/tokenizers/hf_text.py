@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from mmgen.config import CONTROL_TOKENS
 from mmgen.errors import ModelFileError
-from mmgen.files import atomic_write, files_digest
+from mmgen.files import atomic_write, files_digest, parse_json_object
 
 HF_TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face (`tokenizers`) tokenizer
 HF_RECORD_FILE = "mmgen_text_tokenizer.json"  # which ids mmgen appended to it
@@ -32,14 +32,7 @@ ROLES = ("bos", "eos", "pad", "unk")
 
 
 def _json(data: bytes, source: str) -> dict:
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{source} is not valid JSON ({e}); copy the file saved with the model or the "
-                             "checkpoint again") from None
-    if not isinstance(value, dict):
-        raise ModelFileError(f"{source} holds a JSON {type(value).__name__}, not an object; copy it again")
-    return value
+    return parse_json_object(data, source, "copy the file saved with the model or the checkpoint again")
 
 
 def _named_specials(files: dict[str, bytes], where: str) -> dict[str, str | None]:

@@ -12,12 +12,11 @@ tokenizer are loaded, and DIR only has to give the same backbone.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from mmgen.config import BackboneConfig
-from mmgen.errors import ConfigError
-from mmgen.files import CONFIG_FILE
+from mmgen.errors import ConfigError, ModelFileError
+from mmgen.files import CONFIG_FILE, read_json_object
 from mmgen.tokenizers.hf_text import HFTextTokenizer
 from mmgen.train.overrides import build
 
@@ -40,10 +39,10 @@ def checkpoint_config(directory: str | Path) -> dict:
         raise ConfigError(f"{where} has no {CONFIG_FILE}: give the directory a Hugging Face model was saved to "
                           "with save_pretrained")
     try:
-        hf = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{where}: {CONFIG_FILE} is not valid JSON ({e})") from None
-    kind = hf.get("model_type") if isinstance(hf, dict) else None
+        hf = read_json_object(d / CONFIG_FILE, "give the config.json the checkpoint was saved with")
+    except ModelFileError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    kind = hf.get("model_type")
     if kind not in INIT_ARCHITECTURES:
         named = f"model_type {kind!r}" + (f" ({', '.join(hf['architectures'])})" if hf.get("architectures") else "")
         raise ConfigError(f"{where}: {named} is not supported; mmgen starts from "
