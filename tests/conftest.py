@@ -44,3 +44,18 @@ def builder(model, tokenizer) -> SequenceBuilder:
 
 def digit(i: int = 0) -> torch.Tensor:
     return DigitsDataset("test").images[i]
+
+
+class ScriptedFeed:
+    """An engine `Feed` (mmgen.generation) on a script: `join` joins at the `join_at`-th decode step,
+    row `cancel` is cancelled from the `cancel_at`-th on."""
+
+    def __init__(self, join, join_at: int = 2, cancel: int = 1, cancel_at: int = 3):
+        self.join, self.join_at, self.cancel, self.cancel_at, self.steps = join, join_at, cancel, cancel_at, 0
+
+    def cancelled(self) -> list[int]:
+        return [self.cancel] if self.steps == self.cancel_at else []
+
+    def joins(self, running: int) -> list:
+        self.steps += 1
+        return [self.join] if self.steps == self.join_at else []

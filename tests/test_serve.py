@@ -17,6 +17,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import ScriptedFeed
 from PIL import Image
 
 from mmgen.data.digits import DigitsDataset, parse_digit
@@ -243,18 +244,8 @@ def test_engine_rows_join_and_leave_without_changing_the_others(model, builder, 
     def alone(i: int, seed: int, force: bool, limit: int) -> list:
         return engine.generate([prompts[i]], opts, seed=[seed], force_image=[force], max_new_tokens=[limit])[0]
 
-    class Feed:
-        steps = 0
-
-        def cancelled(self):
-            return [1] if self.steps == 3 else []
-
-        def joins(self, running: int):
-            self.steps += 1
-            return [Join(prompts[2], seed=9, max_new_tokens=4)] if self.steps == 2 else []
-
     events = list(engine.stream(prompts[:2], opts, seed=[7, 8], force_image=[True, False], max_new_tokens=[10, 10],
-                                feed=Feed()))
+                                feed=ScriptedFeed(Join(prompts[2], seed=9, max_new_tokens=4))))
     assert isinstance(events[-1], Done)
     ends = {e.row: e.reason for e in events if isinstance(e, RowDone)}
     out = events[-1].outputs

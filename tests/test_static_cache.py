@@ -4,7 +4,7 @@ shapes (the path `mmgen.capture` runs as a CUDA graph on CUDA)."""
 
 import pytest
 import torch
-from conftest import digit
+from conftest import ScriptedFeed, digit
 from test_interfaces import builder_for, make
 
 from mmgen import capture
@@ -152,19 +152,10 @@ def test_rows_joining_and_leaving_equal_the_former_cache(model, builder, tokeniz
     engine = Engine(model, builder)
     prompts = [[tokenizer.encode("a handwritten digit 7")], [digit(2), tokenizer.encode("this is")]]
 
-    class Feed:
-        steps = 0
-
-        def cancelled(self):
-            return [1] if self.steps == 3 else []
-
-        def joins(self, running: int):
-            self.steps += 1
-            return [Join([tokenizer.encode("seven")], seed=9, max_new_tokens=4, force_image=True)] if self.steps == 2 else []
-
+    feed = ScriptedFeed(Join([tokenizer.encode("seven")], seed=9, max_new_tokens=4, force_image=True))
     with capture.using(mode):
         events = list(engine.stream(prompts, DIFFUSION_OPTS, seed=[7, 8], force_image=[True, False],
-                                    max_new_tokens=[10, 10], feed=Feed()))
+                                    max_new_tokens=[10, 10], feed=feed))
     assert_golden(events[-1].outputs, GOLDEN["feed"])
 
 
