@@ -5,6 +5,7 @@
     reply = chat([{"role": "user", "content": "draw a red circle"}])
     # ['here is a red circle in the center.', <PIL.Image.Image 16x16>]
     for event in chat.stream(messages): ...             # TextDelta / ImageStart / ImageStep / ImageDone / Done
+    edited = chat.edit("circle.png", "make the circle blue")  # .image (PIL), .text ("here is a blue circle ...")
 
 Messages follow `mmgen.chat_template` (images in any accepted form; user text cannot inject special
 tokens). Options are `GenerationOptions` fields (max_new_tokens, temperature, top_p, top_k,
@@ -77,6 +78,14 @@ class ImageDone:
 class Done:
     parts: list = field(default_factory=list)  # the whole turn, as `Chat.__call__` returns it
     type: str = "done"
+
+
+@dataclass
+class Edited:
+    """What `Chat.edit` returns: the drawn image and the text of the answer (the model's name for it)."""
+
+    image: Image.Image
+    text: str
 
 
 class Chat:
@@ -164,6 +173,32 @@ class Chat:
         """Answer several conversations at once; conversation i uses seed + i (its answer does not
         depend on the others)."""
         return self._generate(conversations, seed, image, size, scale, options)
+
+    def edit(self, image: Any, instruction: str, /, *, seed: int = 0, scale: int = 1, **options: Any) -> Edited:
+        """Draw `image` changed as `instruction` says ("make the circle blue"): one user message [image,
+        instruction], answered as the model was trained to answer edits (`mmgen.data.edits`: it names the
+        result, then draws it). Returns the drawn image and the answer's text. Raises ChatError for a
+        missing or second image, an empty instruction, or an answer without an image (a model not trained
+        to edit); best_of does not apply (it scores images against the instruction, not the result)."""
+        if image is None or isinstance(image, str) and not image.strip():
+            raise ChatError("an edit needs the image to change: give one image (a path, PIL image, array or tensor)")
+        if isinstance(image, (list, tuple)):
+            raise ChatError(f"an edit changes one image, got {len(image)}: give one image (edit each image "
+                            "separately)")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ChatError(f"an edit needs an instruction that says what to change, e.g. 'make the circle blue'; "
+                            f"got {instruction!r:.60}")
+        if options.get("best_of", 1) != 1:
+            raise OptionError(f"best_of = {options['best_of']!r:.20}: an edit is drawn once (best-of-N scores images "
+                              "against the prompt, and an edit's prompt is the instruction, not the result)")
+        parts = self([{"role": "user", "content": [image, instruction]}], seed=seed, scale=scale, **options)
+        drawn = [p for p in parts if isinstance(p, Image.Image)]
+        text = " ".join(p for p in parts if isinstance(p, str))
+        if not drawn:
+            raise ChatError(f"the model answered without an image ({text!r:.120}): it may not be trained to edit "
+                            "(the bundled model and models trained with an `edits` source are); rephrase the "
+                            "instruction or try another seed")
+        return Edited(drawn[0], text)
 
     def stream(self, messages: Sequence[Any], *, seed: int = 0, image: str = "auto", size: int | None = None,
                scale: int = 1, previews: bool = False, **options: Any) -> Iterator:
@@ -264,4 +299,4 @@ class Chat:
         return out
 
 
-__all__ = ["Chat", "ChatError", "Done", "ImageDone", "ImageStart", "ImageStep", "Message", "OptionError", "TextDelta"]
+__all__ = ["Chat", "ChatError", "Done", "Edited", "ImageDone", "ImageStart", "ImageStep", "Message", "OptionError", "TextDelta"]

@@ -1,5 +1,5 @@
-"""`mmgen train | train-text-tokenizer | generate | caption | score | chat | serve | export-hf | train-tokenizer |
-compare-tokenizers`: the command-line entry points.
+"""`mmgen train | train-text-tokenizer | generate | caption | score | edit | chat | serve | export-hf |
+train-tokenizer | compare-tokenizers`: the command-line entry points.
 
 Outputs are checked before any work starts. A failure mmgen expects (its errors, a file that cannot be
 read or written) prints one paragraph `error: ...` and exits with status 2; Ctrl-C exits with 130; a
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mmgen.arguments import Parser, integer, positive, shift, text
 from mmgen.diffusion.samplers import SAMPLERS
+from mmgen.edit_cli import add_edit_parser
 from mmgen.errors import InputError, ModelFileError, OptionError
 from mmgen.export_hf import add_export_parser
 from mmgen.files import CONFIG_FILE, DTYPES, atomic_write, load_device, save_image_grid
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
     add_load_args(p)
     p.set_defaults(fn=cmd_score)
+    add_edit_parser(sub, _sampling_args)
 
     p = sub.add_parser("chat", help="talk with the model: text and images in, text and images out",
                        description="Interactive chat. /image TEXT forces an image, /text TEXT text only, /attach PATH "

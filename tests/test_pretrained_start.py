@@ -120,7 +120,7 @@ def test_bad_starts_are_named(tmp_path):
     cfg["tokenizer"] = {"path": str(ckpt)}
     with pytest.raises(ConfigError, match="tokenizer.path = .* with model.init_from: the checkpoint's own tokenizer"):
         Trainer(build(TrainConfig, cfg))
-    with pytest.raises(ConfigError, match="loss_on = 'assistant': 'all', or 'assistant' for a dialogues source"):
+    with pytest.raises(ConfigError, match="loss_on = 'assistant': 'all', or 'assistant' for a dialogues or edits"):
         load_config("digits-tiny", {"data.sources": [{"kind": "digits", "loss_on": "assistant"}]})
 
 

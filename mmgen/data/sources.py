@@ -2,6 +2,7 @@
 
     digits, shapes     the bundled datasets (no download)
     dialogues          templated conversations over them (`mmgen.data.dialogues`), in the chat template
+    edits              image editing conversations over the shapes (`mmgen.data.edits`): image + instruction -> image
     image_folder       a folder of images with a captions JSONL ({"file_name": ..., "text": ...} per line)
     hf                 a Hugging Face `datasets` dataset saved with `save_to_disk` (image and/or text column)
     text               plain-text corpora (a .txt file or a folder of them): text-only LM data
@@ -23,6 +24,7 @@ from typing import Any
 
 from mmgen.data.dialogues import DialogueSource
 from mmgen.data.digits import DigitsDataset
+from mmgen.data.edits import EditSource
 from mmgen.data.images import fit_tensor, load_image
 from mmgen.data.shapes import ShapesDataset
 from mmgen.data.shapes import caption as describe_shapes
@@ -297,6 +299,8 @@ def build_source(cfg, *, seed: int, channels: int, resolution: int, max_chars: i
         return ShapesSource(cfg, seed, channels, resolution)
     if cfg.kind == "dialogues":
         return DialogueSource(_limit(cfg.size, cfg.limit), seed, channels, resolution, cfg.split, cfg.loss_on)
+    if cfg.kind == "edits":
+        return EditSource(_limit(cfg.size, cfg.limit), channels, resolution, cfg.split, cfg.loss_on)
     if cfg.kind == "image_folder":
         return FolderSource(cfg, channels, resolution, verbose)
     if cfg.kind == "hf":

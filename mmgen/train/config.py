@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgen.config import PRESETS, BackboneConfig, DiffusionConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
+from mmgen.data.edits import SPLITS as EDIT_SPLITS
 from mmgen.errors import ConfigError
 from mmgen.train.help import MODEL_HELP
 from mmgen.train.init_from import init_backbone
@@ -27,7 +28,7 @@ from mmgen.train.overrides import build, convert, describe, load_file, opt, set_
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "digits-tiny"
-SOURCE_KINDS = ("digits", "shapes", "dialogues", "image_folder", "hf", "text", "interleaved")
+SOURCE_KINDS = ("digits", "shapes", "dialogues", "edits", "image_folder", "hf", "text", "interleaved")
 
 
 @dataclass
@@ -36,25 +37,30 @@ class SourceConfig:
     path: str | None = opt(None, "image_folder: folder; hf: dataset saved with save_to_disk; text: file or folder "
                                  "of .txt; interleaved: JSONL file")
     weight: float = opt(1.0, "relative share of this source in the mixture")
-    split: str = opt("train", "digits, dialogues: the digits split, train / test / all; hf: the split of a DatasetDict")
+    split: str = opt("train", "digits, dialogues: the digits split, train / test / all; edits: train / held_out; "
+                              "hf: the split of a DatasetDict")
     captions: str | None = opt(None, "image_folder: captions JSONL (default: PATH/captions.jsonl, else "
                                      "PATH/metadata.jsonl); lines {\"file_name\": ..., \"text\": ...}")
     image_column: str = opt("image", "hf: column with images (PIL images, bytes or paths); absent: text only")
     text_column: str = opt("text", "hf: column with the caption or text")
     text_unit: str = opt("paragraph", "text: one sample per line, paragraph (blank-line separated) or file")
-    size: int = opt(10_000, "shapes: number of procedural images; dialogues: conversations per epoch")
+    size: int = opt(10_000, "shapes: number of procedural images; dialogues, edits: conversations per epoch")
     max_objects: int = opt(3, "shapes: most objects per image (1..5)")
     p_image_first: float = opt(0.2, "image-caption sources: share of image -> caption samples")
     caption_dropout: float = opt(0.1, "image-caption sources: share of captions dropped (classifier-free guidance)")
     limit: int = opt(0, "use at most this many items (0: all)")
-    loss_on: str = opt("all", "dialogues: LM loss on every text token (all) or only on assistant turns (assistant)")
+    loss_on: str = opt("all", "dialogues, edits: LM loss on every text token (all) or only on assistant turns "
+                              "(assistant)")
 
     def __post_init__(self) -> None:
-        if self.loss_on not in ("all", "assistant") or (self.loss_on == "assistant" and self.kind != "dialogues"):
-            raise ConfigError(f"loss_on = {self.loss_on!r}: 'all', or 'assistant' for a dialogues source (its turns)")
+        chats = ("dialogues", "edits")
+        if self.loss_on not in ("all", "assistant") or (self.loss_on == "assistant" and self.kind not in chats):
+            raise ConfigError(f"loss_on = {self.loss_on!r}: 'all', or 'assistant' for a dialogues or edits source")
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"unknown source kind {self.kind!r}{suggest(self.kind, list(SOURCE_KINDS), what='kind')}")
-        if self.kind not in ("digits", "shapes", "dialogues") and not self.path:
+        if self.kind == "edits" and self.split not in EDIT_SPLITS:
+            raise ConfigError(f"split = {self.split!r}: an edits source takes {' or '.join(EDIT_SPLITS)}")
+        if self.kind not in ("digits", "shapes", "dialogues", "edits") and not self.path:
             raise ConfigError(f"a {self.kind!r} source needs a path")
         if self.weight <= 0:
             raise ConfigError(f"source weight must be > 0, got {self.weight}")
