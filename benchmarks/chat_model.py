@@ -11,10 +11,11 @@ path) and through the chat ("which digit is this?"), counted right when they nam
 Shapes: for each of the 6 colors × 3 shapes, `--per-class` images from the chat request "draw a
 red circle" and from the caption prompt "a red circle in the center"; the color is the palette
 color nearest the mean of the bright pixels (`mmgen.data.shapes.classify_color`), the shape comes
-from an SVM on the brightness mask trained on 3,000 real single-object shapes (its accuracy on 600
-held-out real shapes is printed beside); and the chat's answer to "what is this?" for held-out real
-shapes, right when it names both the color and the shape. Time to the first image: a fresh
-`python -c` that imports mmgen, loads the model and draws one image, timed from outside.
+from `mmgen.shape_judge.ShapeJudge` (an SVM on the brightness mask trained on 3,000 real
+single-object shapes; its accuracy on 600 held-out real shapes is printed beside); and the chat's
+answer to "what is this?" for held-out real shapes, right when it names both the color and the shape.
+Time to the first image: a fresh `python -c` that imports mmgen, loads the model and draws one image,
+timed from outside.
 """
 
 from __future__ import annotations
@@ -38,25 +39,19 @@ from mmgen.evaluation import DigitClassifier
 from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import to_pil
+from mmgen.shape_judge import ShapeJudge, features, to_pixels
 
 
 def shape_features(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> brightness masks (N, H·W)."""
-    return ((images + 1) / 2).amax(1).flatten(1).numpy()
+    """(N, 3, H, W) in [-1, 1] -> the brightness masks (N, H·W) that `ShapeJudge.svm` reads (for best_of.py)."""
+    return features(np.stack([to_pixels(im) for im in images]))
 
 
 def shape_classifier(resolution: int) -> tuple[object, float]:
-    from sklearn.svm import SVC
-
-    def data(n: int, seed: int):
-        ds = ShapesDataset(size=n, resolution=resolution, max_objects=1, seed=seed)
-        images = torch.stack([ds[i][0] for i in range(n)])
-        return shape_features(images), np.array([SHAPES.index(ds.objects(i)[0].shape) for i in range(n)])
-
-    x, y = data(3000, 100)
-    xt, yt = data(600, 101)
-    svm = SVC(C=10.0, gamma="scale").fit(x, y)
-    return svm, float((svm.predict(xt) == yt).mean())
+    """`ShapeJudge(resolution)`'s SVM (shape indices in SHAPES from `shape_features`) and its accuracy on 600
+    held-out real shapes (for best_of.py; this script uses the judge itself)."""
+    judge = ShapeJudge(resolution)
+    return judge.svm, judge.holdout_accuracy
 
 
 def image_of(parts: list) -> torch.Tensor | None:
@@ -108,16 +103,15 @@ def main() -> None:
         [parse_digit(" ".join(p for p in a if isinstance(p, str))) == y for a, y in zip(answers, labels)]))
 
     # -- shapes --------------------------------------------------------------------------------------
-    svm, real_acc = shape_classifier(c.resolution)
-    fig["shapes: shape classifier on 600 held-out real shapes"] = real_acc
+    shape_judge = ShapeJudge(c.resolution)
+    fig["shapes: shape classifier on 600 held-out real shapes"] = shape_judge.holdout_accuracy
     combos = [(col, shp) for col in COLORS for shp in SHAPES]
 
     def judge(images: list[torch.Tensor | None]) -> tuple[float, float, float]:
         want = [combo for combo in combos for _ in range(n)]
         col = [im is not None and classify_color(((im.permute(1, 2, 0) + 1) * 127.5).numpy()) == w[0]
                for im, w in zip(images, want)]
-        shp = [im is not None and SHAPES[int(svm.predict(shape_features(im[None]))[0])] == w[1]
-               for im, w in zip(images, want)]
+        shp = [im is not None and shape_judge.shape([im])[0] == w[1] for im, w in zip(images, want, strict=True)]
         return float(np.mean(col)), float(np.mean(shp)), float(np.mean(np.array(col) & np.array(shp)))
 
     def article(col: str) -> str:

@@ -76,6 +76,7 @@ def test_held_out_edits_never_reach_training():
     test = {sample_edit(random.Random(i), "held_out").key for i in range(300)}
     assert train and test and not train & test
     assert all(not held_out(k) for k in train) and all(held_out(k) for k in test)
+    assert {k.split()[0] for k in test} == set(EDIT_KINDS)  # every kind has held-out edits
     share = len(test) / (len(test) + len(train))
     assert 0.04 < share < 0.2, share  # about a tenth of the distinct edits
     with pytest.raises(ValueError, match="held_out"):

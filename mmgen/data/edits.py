@@ -16,14 +16,15 @@ is conditioned on the shown image and on that caption. Objects that an edit does
 exact pixels (each object is rendered with its own jitter, see `Scene.render`). A conversation may
 continue with a second edit of the drawn image ("now move it to the top").
 
-Held out: one edit in ten, by a hash of what it changes (`Edit.key`, e.g. recolor circle red->blue),
-never appears in `split="train"` items; `split="held_out"` gives only those, on images from another
-seed. `benchmarks/editing.py` measures the model on them.
+Held out: a tenth of the edits of each kind, by what they change (`Edit.key`, e.g. "recolor circle
+red->blue": the tenth of each kind's keys with the smallest SHA-256), never appears in `split="train"`
+items; `split="held_out"` gives only those. `benchmarks/editing.py` measures the model on them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -38,7 +39,7 @@ from mmgen.data.source import Source
 
 EDIT_KINDS = ("recolor", "reshape", "move", "add", "remove")
 SPLITS = ("train", "held_out")
-HELD_OUT_PER_TEN = 1
+HELD_OUT_SHARE = 0.1
 
 RECOLOR = ("make the {ref} {color}", "color the {ref} {color}", "change the {ref} to {color}",
            "paint the {ref} {color}", "make it {color}")
@@ -83,9 +84,34 @@ class Edit:
     key: str
 
 
+def _all_keys() -> dict[str, list[str]]:
+    """Every possible `Edit.key`, by kind (what `_propose` writes)."""
+    colors, moves = tuple(COLORS), [(a, b) for a in POSITIONS for b in POSITIONS if a != b]
+    objects = [f"{c} {s} {p}" for c in colors for s in SHAPES for p in POSITIONS]
+    return {"recolor": [f"recolor {s} {a}->{b}" for s in SHAPES for a in colors for b in colors if a != b],
+            "reshape": [f"reshape {c} {a}->{b}" for c in colors for a in SHAPES for b in SHAPES if a != b],
+            "move": [f"move {s} {a}->{b}" for s in SHAPES for a, b in moves],
+            "add": [f"add {o}" for o in objects], "remove": [f"remove {o}" for o in objects]}
+
+
+def _held_out_keys() -> frozenset[str]:
+    """Per kind, the ceil(10%) of its keys with the smallest SHA-256: every kind has held-out edits."""
+    def digest(key: str) -> str:
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    return frozenset(k for keys in _all_keys().values()
+                     for k in sorted(keys, key=digest)[:math.ceil(HELD_OUT_SHARE * len(keys))])
+
+
+ALL_KEYS = frozenset(k for keys in _all_keys().values() for k in keys)
+HELD_OUT_KEYS = _held_out_keys()
+
+
 def held_out(key: str) -> bool:
-    """Whether an edit's key is in the held-out tenth (SHA-256 of the key, mod 10)."""
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 10 < HELD_OUT_PER_TEN
+    """Whether an edit's key is in the held-out tenth (raises for a key no edit has)."""
+    if key not in ALL_KEYS:
+        raise ValueError(f"{key!r} is not an edit key")
+    return key in HELD_OUT_KEYS
 
 
 def _article(color: str) -> str:
@@ -148,7 +174,7 @@ def sample_edit(rng: random.Random, split: str = "train", scene: Scene | None = 
                 kinds: Sequence[str] = EDIT_KINDS) -> Edit:
     """A random edit of one of `kinds` on `scene` (default: a random scene of 1-2 objects) with at most two
     objects after it, whose key lies in
-    `split` ("train": the nine tenths, "held_out": the tenth)."""
+    `split` ("train": the nine tenths of each kind, "held_out": the tenth)."""
     if split not in SPLITS:
         raise ValueError(f"split = {split!r}: one of {SPLITS}")
     for _ in range(1000):
