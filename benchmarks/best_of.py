@@ -21,14 +21,14 @@ import time
 
 import numpy as np
 import torch
-from chat_model import shape_classifier, shape_features
 
 from mmgen.assets import DEFAULT_MODEL
-from mmgen.data.shapes import SHAPES, ShapesDataset, caption, classify_color
+from mmgen.data.shapes import ShapesDataset, caption, classify_color
 from mmgen.evaluation import DigitClassifier
 from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline
+from mmgen.shape_judge import ShapeJudge
 
 BEST_OF = (1, 2, 4, 8)
 
@@ -55,14 +55,14 @@ def digit_task(pipe: Pipeline, per_digit: int) -> Task:
 
 
 def shape_task(pipe: Pipeline, n: int) -> Task:
-    svm, _ = shape_classifier(pipe.model.config.image.resolution)
+    judge = ShapeJudge(pipe.model.config.image.resolution)
     held = ShapesDataset(size=n, resolution=pipe.model.config.image.resolution, max_objects=1, seed=999)
     objects = [held.objects(i)[0] for i in range(n)]
 
     def right(images: torch.Tensor) -> np.ndarray:  # (n, 3, H, W)
         color = [classify_color(((im.permute(1, 2, 0) + 1) * 127.5).numpy()) == o.color for im, o in
                  zip(images, objects)]
-        shape = [SHAPES[int(k)] == o.shape for k, o in zip(svm.predict(shape_features(images)), objects)]
+        shape = [s == o.shape for s, o in zip(judge.shape(images), objects, strict=True)]
         return np.array(color) & np.array(shape)
 
     return Task("shapes", [caption([o]) for o in objects], right)

@@ -39,19 +39,7 @@ from mmgen.evaluation import DigitClassifier
 from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import to_pil
-from mmgen.shape_judge import ShapeJudge, features, to_pixels
-
-
-def shape_features(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> the brightness masks (N, H·W) that `ShapeJudge.svm` reads (for best_of.py)."""
-    return features(np.stack([to_pixels(im) for im in images]))
-
-
-def shape_classifier(resolution: int) -> tuple[object, float]:
-    """`ShapeJudge(resolution)`'s SVM (shape indices in SHAPES from `shape_features`) and its accuracy on 600
-    held-out real shapes (for best_of.py; this script uses the judge itself)."""
-    judge = ShapeJudge(resolution)
-    return judge.svm, judge.holdout_accuracy
+from mmgen.shape_judge import ShapeJudge
 
 
 def image_of(parts: list) -> torch.Tensor | None:
