@@ -2,7 +2,8 @@
 
 Text is printed as it is written; each image is saved under `--out-dir` (upscaled `--scale`×) and
 its path printed. Commands: `/image TEXT` asks for an answer that starts with an image, `/text TEXT`
-for a text-only answer, `/attach PATH` adds an image to your next message, `/reset` starts over,
+for a text-only answer, `/attach PATH` adds an image to your next message (to ask about it, or to edit
+it: "/attach circle.png" then "make it blue"), `/reset` starts over,
 `/help`, `/quit` (or Ctrl-D). A bad image, an unknown command, a line that is not valid UTF-8, a
 conversation that outgrows the context or an image that cannot be saved prints an error and the
 chat goes on.
