@@ -32,8 +32,8 @@ def test_conversions_of_other_inputs():
         load_image(np.zeros((1, 1), np.uint8), 1, 8)
     with pytest.raises(ValueError, match="2-channel"):
         load_image(torch.zeros(2, 8, 8), 3, 8)
-    assert load_image(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 3, 8).max() == -1  # transparent over black
-    assert load_image(Image.new("I;16", (8, 8), 4000), 1, 8).min() == 1  # 16-bit grey scaled to 8 bits
+    assert load_image(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 3, 8).min() == 1  # transparent over white
+    assert ((load_image(Image.new("I;16", (8, 8), 4000), 1, 8) + 1) * 127.5).round().eq(16).all()  # 4000 / 257
     assert load_image(Image.new("CMYK", (8, 8)), 3, 8).shape == (3, 8, 8)
 
 

@@ -1,10 +1,11 @@
 """Image files and tensors -> (C, R, R) float tensors in [-1, 1] at the model's format.
 
-Files and PIL images are turned upright by their EXIF orientation and shrunk by whole factors while
-the short side stays at least R (JPEGs while decoding, by `draft`; others by `reduce`); an image with
-more than MAX_PIXELS pixels to decode is refused before decoding. Files, PIL images and uint8 arrays
-are converted to grey or RGB and become tensors; every tensor is checked (finite, within [-1, 1]),
-then resized (short side to R, bilinear with antialiasing) and center-cropped to R×R (`fit_tensor`).
+Files and PIL images are shrunk by whole factors while the short side stays at least R (JPEGs while
+decoding, by `draft`; others by `reduce`); an image with more than MAX_PIXELS pixels to decode is
+refused before decoding. Files, PIL images and RGBA arrays go through one conversion rule to 8-bit
+grey or RGB (`to_grey_or_rgb`: EXIF orientation applied, 16-bit scaled by its range, transparency over
+white) and become tensors; every tensor is checked (finite, within [-1, 1]), then resized (short side
+to R, bilinear with antialiasing) and center-cropped to R×R (`fit_tensor`).
 `load_image` raises `UnreadableImage` for a missing, truncated, too large or non-image file, so the
 data pipeline can skip that item and count it instead of stopping the run.
 """
@@ -28,6 +29,8 @@ MAX_ASPECT = 4.0  # a longer side over 4× the shorter one would lose most of th
 MAX_PIXELS = 64_000_000  # the most pixels decoded for one image (256 MB as RGBA); a JPEG counts at its draft scale
 RANGE_TOLERANCE = 1e-3  # tensors may overshoot [-1, 1] by this much (resampling error) and are clamped
 REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr")  # the modes PIL's `Image.reduce` takes
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # modes with an alpha channel (La, RGBa: premultiplied)
+WIDE_GREY = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}  # full scale
 
 
 def check_size(width: int, height: int, name: str = "image") -> None:
@@ -49,29 +52,46 @@ def check_pixels(width: int, height: int, name: str = "image") -> None:
 
 def fit_pil(image: Image.Image, channels: int, resolution: int) -> Tensor:
     """PIL image -> (channels, resolution, resolution) in [-1, 1]: shrunk by a whole factor while its
-    short side stays at least `resolution`, turned upright by its EXIF orientation, converted to L or
-    RGB (alpha over black), then resized and center-cropped like a tensor (`fit_tensor`), so files,
-    arrays and tensors all meet the model through one resampling rule."""
+    short side stays at least `resolution`, converted by `to_grey_or_rgb`, then resized and
+    center-cropped like a tensor (`fit_tensor`), so files, arrays and tensors all meet the model
+    through one resampling rule."""
     check_size(*image.size)
     check_pixels(*image.size)
     factor = min(image.size) // resolution
     if factor >= 2 and image.mode in REDUCIBLE:
         image = image.reduce(factor)
+    return fit_array(np.asarray(to_grey_or_rgb(image, channels), dtype=np.uint8), channels, resolution)
+
+
+def to_grey_or_rgb(image: Image.Image, channels: int) -> Image.Image:
+    """The conversion every image mmgen reads goes through (files, PIL images, RGBA arrays): to 8-bit
+    L (`channels` 1) or RGB (`channels` 3), by one rule:
+
+        orientation   turned upright by its EXIF orientation tag (`ImageOps.exif_transpose`);
+        wide grey     I;16 (16-bit PNG) and I taken as 0..65535, F as 0..1, scaled to 0..255 and clipped:
+                      the same scale for every image, so a dark 16-bit image stays dark;
+        transparency  RGBA, LA, PA, La, RGBa, and any mode with a transparency key (P, L, RGB): composited
+                      over white, so a transparent pixel becomes white (`over_white`);
+        the rest      1, L, P, RGB, CMYK, YCbCr: PIL's `convert` (RGB -> L by the ITU-R 601-2 luma).
+
+    Raises:
+        UnreadableImage: an F image holds NaN or infinite pixels.
+    """
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scale to 8 bits first
+    if image.mode in WIDE_GREY:
         arr = np.asarray(image, dtype=np.float64)
         if not np.isfinite(arr).all():
             raise UnreadableImage(f"the {image.mode} image holds NaN or infinite pixels: give finite values")
-        image = Image.fromarray(np.clip(arr * 255.0 / max(arr.max(), 1.0), 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        image = Image.fromarray(_over_black(np.asarray(image.convert("RGBA"), dtype=np.uint8)))
-    image = image.convert("L" if channels == 1 else "RGB")
-    return fit_array(np.asarray(image, dtype=np.uint8), channels, resolution)
+        image = Image.fromarray(np.clip(arr * (255.0 / WIDE_GREY[image.mode]), 0, 255).round().astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        image = over_white(image)
+    return image.convert("L" if channels == 1 else "RGB")
 
 
-def _over_black(rgba: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 4) -> (H, W, 3): transparent pixels become black."""
-    return (rgba[..., :3].astype(np.float32) * (rgba[..., 3:] / 255.0)).round().astype(np.uint8)
+def over_white(image: Image.Image) -> Image.Image:
+    """An image with transparency -> RGB composited over an opaque white background."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def fit_array(array: np.ndarray, channels: int, resolution: int) -> Tensor:
@@ -83,8 +103,8 @@ def fit_array(array: np.ndarray, channels: int, resolution: int) -> Tensor:
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise UnreadableImage(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
     check_size(array.shape[1], array.shape[0])
-    if array.shape[-1] == 4:
-        array = _over_black(array)
+    if array.shape[-1] == 4:  # RGBA: the one conversion rule (`to_grey_or_rgb`), alpha over white
+        array = np.asarray(to_grey_or_rgb(Image.fromarray(array), 3))
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
     return fit_tensor(x, channels, resolution)
 
