@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from mmgen.attention import attend
 from mmgen.config import BackboneConfig
 from mmgen.kv_cache import KVCache
+from mmgen.positions import section_index
 
 
 class RMSNorm(nn.Module):
@@ -45,12 +46,14 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """RoPE angles from float32 inverse frequencies, which stay float32 when the model is cast to
-    bf16/fp16 (a half-precision inv_freq is off by radians at position 1,000)."""
+    bf16/fp16 (a half-precision inv_freq is off by radians at position 1,000). Positions are one per
+    token, or M-RoPE's three (`mmgen.positions`), each turning its own section of the frequencies."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", self.frequencies(torch.device("cpu")), persistent=False)
+        self.register_buffer("section", section_index(head_dim), persistent=False)  # (E/2,) component per pair
 
     def frequencies(self, device: torch.device) -> Tensor:
         """(E/2,) float32 inverse frequencies θ^(−2i/E)."""
@@ -63,8 +66,9 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions (B, T) -> cos, sin (B, 1, T, E)."""
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, E/2)
+        """positions (B, T), or (B, T, 3) M-RoPE components -> cos, sin (B, 1, T, E)."""
+        per_pair = positions[..., self.section] if positions.dim() == 3 else positions[..., None]  # (B, T, E/2 or 1)
+        freqs = per_pair.float() * self.inv_freq  # (B, T, E/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, E)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -267,8 +271,8 @@ class LlamaModel(nn.Module):
 
     def context(self, positions: Tensor, mask: Tensor, cache: KVCache | None = None,
                 image: Tensor | None = None) -> AttentionContext:
-        """positions (B, T), mask (B, 1, T, S), an optional cache the chunk is written to (at its
-        length, room made if needed), the image slots (B, T) bool -> the layers' context."""
+        """positions (B, T) or (B, T, 3) (`mmgen.positions`), mask (B, 1, T, S), an optional cache the chunk is
+        written to (at its length, room made if needed), the image slots (B, T) bool -> the layers' context."""
         cos, sin = self.rotary(positions, self.embed_tokens.weight.dtype)
         if cache is None:
             return AttentionContext(cos, sin, mask, image=image)

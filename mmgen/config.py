@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgen.config_check import build
-from mmgen.errors import ConfigError, ModelFileError, check_number
+from mmgen.errors import ConfigError, ModelFileError, check_choice, check_number
 
 # Special tokens every mmgen text tokenizer reserves, in id order after <pad> <unk> <bos> <eos>.
 CONTROL_TOKENS = ("<boi>", "<eoi>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -30,9 +30,20 @@ def _at_least(config: Any, low: float, *names: str, integer: bool = True, low_op
         check_number(name, getattr(config, name), low=low, low_open=low_open, integer=integer, error=ConfigError)
 
 
+IMAGE_POSITIONS = ("1d", "2d")
+
+
 @dataclass
 class BackboneConfig:
-    """LLaMA decoder hyper-parameters (names follow HF `LlamaConfig`)."""
+    """LLaMA decoder hyper-parameters (names follow HF `LlamaConfig`), plus where image slots sit in RoPE.
+
+    image_positions:
+        "1d": every token, image slots included, takes the next sequence position (the default; as before).
+        "2d": M-RoPE (Qwen2-VL): the head's rotary frequency pairs are split into sequence / row / column
+              sections (`mmgen.positions.rope_sections`); text has one position in all three (text-only
+              sequences equal "1d" exactly), image slot (r, c) of an image starting at p has (p, p + r, p + c),
+              and the text after a g×g image continues from p + g. For the "diffusion" interface only.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 256
@@ -49,8 +60,10 @@ class BackboneConfig:
     qk_norm: bool = False  # Chameleon / Qwen3-style per-head RMSNorm on q and k
     initializer_range: float = 0.02
     image_experts: bool = False  # LMFusion: image slots run through their own copy of each layer's weights
+    image_positions: str = "1d"  # RoPE positions of image slots: "1d" or "2d" (M-RoPE; see `mmgen.positions`)
 
     def __post_init__(self) -> None:
+        check_choice("image_positions", self.image_positions, IMAGE_POSITIONS, error=ConfigError)
         _at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
         _at_least(self, 0, "rms_norm_eps", "rope_theta", integer=False, low_open=True)
@@ -261,17 +274,35 @@ class ImageConfig:
         return self.tokenizer.latent_channels * self.patch_size**2
 
 
+T_SAMPLING = ("uniform", "logit_normal")
+
+
 @dataclass
 class DiffusionConfig:
-    """Training objective of the continuous path (DESIGN §4)."""
+    """Training objective of the continuous path (DESIGN §4).
+
+    t_sampling: how training draws each image's noise time t ∈ [0, 1] (t = 1 is pure noise here, as in SD3),
+        through the training generator (`mmgen.diffusion.objective.draw_times`):
+        "uniform":      t ~ U(0, 1) (the default; as before).
+        "logit_normal": t = sigmoid(t_mean + t_std·n), n ~ N(0, 1) (SD3, Esser et al. 2024 §3.1): mass in the
+                        middle of the schedule; t_mean > 0 leans to noisier t, < 0 to cleaner.
+        An image that precedes its caption then has t scaled by max_t_when_conditioning. Used by the
+        "diffusion" interface; the MLP head of "hybrid" / "mar" draws its own uniform t.
+    """
 
     objective: str = "eps"  # "eps" / "v": ε- / v-prediction, cosine VP schedule; "flow": flow matching
     loss_weight: float = 5.0  # λ in L = L_LM + λ·L_diffusion
     max_t_when_conditioning: float = 0.5  # noise cap for an image that precedes its caption (for codes: the
     # largest share of input codes replaced by random ones)
     z_loss: float = 0.0  # PaLM/Chameleon z-loss on the LM logits (1e-5 when used)
+    t_sampling: str = "uniform"  # training noise times: "uniform" or "logit_normal"
+    t_mean: float = 0.0  # logit_normal: location m
+    t_std: float = 1.0  # logit_normal: scale s > 0
 
     def __post_init__(self) -> None:
+        check_choice("t_sampling", self.t_sampling, T_SAMPLING, error=ConfigError)
+        check_number("t_mean", self.t_mean, error=ConfigError)
+        _at_least(self, 0, "t_std", integer=False, low_open=True)
         _at_least(self, 0, "loss_weight", "z_loss", integer=False)
         check_number("max_t_when_conditioning", self.max_t_when_conditioning, low=0, high=1, error=ConfigError)
         if self.objective not in ("eps", "v", "flow"):

@@ -35,7 +35,7 @@ class KVCache:
 
     keys[l], values[l]: (B, K, C, E) buffers; slots [0, length) are filled, the rest are empty.
     slot_doc: (B, C) document of each slot, −1 for an empty one; slot_image: (B, C) image id, −1 text.
-    next_position: (B,) RoPE position of each row's next token.
+    next_position: (B,) RoPE position of each row's next token (its sequence component under 2-D positions).
     images: image ids in use are below this; the next image written takes it (no device read needed).
     steps: captured steps over these buffers (`mmgen.capture`), dropped when the buffers change.
     """

@@ -24,6 +24,7 @@ from mmgen.files import TOKENIZER_DIGEST, load_directory, save_directory
 from mmgen.interfaces.registry import build_interface
 from mmgen.interfaces.understanding import carried_files, use_carried_files
 from mmgen.kv_cache import KVCache
+from mmgen.positions import advance, chunk_positions, next_position, sequence_positions
 from mmgen.sequence import IGNORE, SequenceBatch, attention_mask, mask_mod
 from mmgen.tokenizers.image import ImageTokenizer, ImageTokens, build_image_tokenizer
 
@@ -146,6 +147,8 @@ class MMGenModel(nn.Module):
         is causal), rotary positions, and the cache.
 
         Args:
+            positions: without a cache, the sequence positions (B, T) of whole documents (`SequenceBatch`),
+                mapped here by `rope_positions`; after a cache, RoPE positions (`chunk_positions`).
             attention: the kernel of an uncached chunk (`mmgen.attention.kernel_for`): "dense" (a boolean
                 mask), "flex" (a FlexAttention block mask built once here; CUDA for training) or "auto"
                 (flex on CUDA, dense elsewhere). A chunk after a cache always takes the dense mask.
@@ -156,6 +159,8 @@ class MMGenModel(nn.Module):
             raise ValueError(
                 f"sequence reaches position {real.max().item()}, over the model's maximum of {max_pos} tokens"
             )
+        if cache is None:  # a whole sequence: its sequence positions become RoPE positions here
+            positions = self.rope_positions(positions, image_id)
         causal = self.image.causal  # causal interfaces: images attend like text
         q_img = torch.full_like(image_id, -1) if causal else image_id
         if cache is not None and cache.length:
@@ -177,6 +182,19 @@ class MMGenModel(nn.Module):
         """
         return self.model(x, self.context(positions, doc_id, image_id, cache))
 
+    # -- RoPE positions (mmgen.positions) --------------------------------------------------------
+
+    def rope_positions(self, positions: Tensor, image_id: Tensor) -> Tensor:
+        """Sequence positions (B, T) of whole documents and their image slots (B, T) -> RoPE positions:
+        (B, T) under backbone.image_positions "1d" (unchanged), (B, T, 3) under "2d"."""
+        return sequence_positions(positions, image_id, self.config.image.grid, self.config.backbone.image_positions)
+
+    def chunk_positions(self, start: Tensor, length: int, image: bool) -> Tensor:
+        """RoPE positions (B, T) or (B, T, 3) of a chunk of `length` tokens after a cache, each row's first at
+        `start` (B,); `image`: the chunk is one image (for the causal interfaces, one of its tokens)."""
+        return chunk_positions(start, length, self.config.backbone.image_positions,
+                               self.config.image.grid if image else None)
+
     # -- the KV cache during generation ----------------------------------------------------------
 
     @torch.no_grad()
@@ -188,7 +206,8 @@ class MMGenModel(nn.Module):
         tokens = self.read_images(batch.images) if images else None
         hidden, kv = self(self.embed(batch.ids, batch.image_id, tokens), batch.positions, batch.doc_id, batch.image_id)
         lengths = (batch.doc_id >= 0).sum(1)  # (B,)
-        cache = KVCache.filled(kv, batch.doc_id, batch.image_id, lengths, images, room)
+        after = next_position(self.rope_positions(batch.positions, batch.image_id), lengths)  # (B,)
+        cache = KVCache.filled(kv, batch.doc_id, batch.image_id, after, images, room)
         return cache, hidden[torch.arange(len(lengths), device=hidden.device), lengths - 1]
 
     @torch.no_grad()
@@ -199,10 +218,12 @@ class MMGenModel(nn.Module):
         b, t, _ = x.shape
         doc = torch.where(active, 0, -1)[:, None].expand(b, t)  # (B, T)
         image_id = torch.where(doc >= 0, cache.images, -1) if image else torch.full_like(doc, -1)  # (B, T)
-        positions = cache.next_position[:, None] + torch.arange(t, device=x.device)  # (B, T)
-        positions = torch.where(doc >= 0, positions, 0)  # masked slots of finished rows take no position
+        positions = self.chunk_positions(cache.next_position, t, image)  # (B, T) or (B, T, 3)
+        real = (doc >= 0).view(b, t, *[1] * (positions.dim() - 2))  # (B, T) or (B, T, 1)
+        positions = torch.where(real, positions, 0)  # masked slots of finished rows take no position
         hidden = capture.run(self.model, x, self.context(positions, doc, image_id, cache))
-        cache.commit(doc, image_id, active.long() * t, image)
+        mode, grid = self.config.backbone.image_positions, self.config.image.grid if image else None
+        cache.commit(doc, image_id, active.long() * advance(t, mode, grid), image)
         return hidden
 
     def logits(self, hidden: Tensor) -> Tensor:

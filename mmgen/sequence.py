@@ -42,7 +42,8 @@ class SequenceBatch:
     ids:        (B, T) token ids; image slots hold <pad>.
     image_id:   (B, T) index of the image a slot belongs to, -1 for text and padding.
     doc_id:     (B, T) 0 for real tokens, -1 for padding (room for packing several documents a row).
-    positions:  (B, T) RoPE positions.
+    positions:  (B, T) sequence positions (from 0 in every document); the model maps them to RoPE
+                positions (`mmgen.positions`: the same under "1d", M-RoPE triples under "2d").
     labels:     (B, T) next-token target per position, IGNORE where there is no LM loss.
     images:     (N, C, H, W) the images, in [-1, 1].
     image_conditions: (N,) True where an image comes before its text (image -> caption): its

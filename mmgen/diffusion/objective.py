@@ -5,6 +5,7 @@ Training uses the model's native time t ∈ [0, 1]: x_t = a(t)·x0 + s(t)·ε.
   "v":    the same schedule, the model predicts v = a·ε − s·x0 (Salimans & Ho 2022).
   "flow": x_t = (1 − t)·x0 + t·ε (flow matching), the model predicts v = ε − x0.
 Samplers see the equivalent VE form x = x_t / a(t), σ = s(t) / a(t), and a denoiser D(x, σ) ≈ x0.
+t = 1 is pure noise. Training draws t per image by `draw_times`: uniform, or logit-normal (SD3).
 """
 
 from __future__ import annotations
@@ -17,6 +18,21 @@ from torch import Tensor
 COSINE_S = 0.008
 MAX_SIGMA = 999.0
 KINDS = ("eps", "v", "flow")  # largest σ used: t ≈ 0.999 for flow, ᾱ ≈ 1e-6 for the cosine schedule
+
+
+def draw_times(n: int, generator: torch.Generator | None, device: torch.device, kind: str = "uniform",
+               mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """n training times t (n,) in [0, 1], drawn through `generator` (same generator state, same t).
+
+    Args:
+        kind: "uniform": `torch.rand(n)` exactly; "logit_normal": sigmoid(mean + std·ν), ν = `torch.randn(n)`
+            (Esser et al. 2024 §3.1; mean 0 puts the mass at t = 0.5, the middle of the schedule).
+    """
+    if kind == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"t sampling must be 'uniform' or 'logit_normal', got {kind!r}")
 
 
 class Objective:

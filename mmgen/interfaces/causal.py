@@ -5,6 +5,7 @@ back through the cache and its hidden state predicts the next, L tokens in raste
 guidance the null prompt `<bos> <boi>` runs beside every row in the same batch and is fed the same
 tokens. Subclasses say how one token is sampled from the conditioning hidden states (`sample_step`),
 how a drawn token is embedded (`embed_step`), and how the steps form the image (`assemble`).
+They take 1-D positions and uniform training times only (`check_model`).
 Images they read may enter through a separate understanding input (`understanding`, built from
 `image.understanding_input`); drawing itself always feeds back the interface's own tokens.
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mmgen.config import ModelConfig
+from mmgen.errors import ConfigError
 from mmgen.events import ImageStep
 from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface
 from mmgen.interfaces.understanding import build_understanding
@@ -30,6 +32,7 @@ class CausalInterface(ImageInterface):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
+        check_model(self.name, config)
         self.understanding = build_understanding(config)
 
     @abstractmethod
@@ -61,3 +64,15 @@ class CausalInterface(ImageInterface):
                 h = model.extend(kv, torch.cat([x, x]) if guided else x, everyone, True)[:, -1]
             yield ImageStep(list(range(r)), k + 1, length)
         return self.assemble(steps)
+
+
+def check_model(name: str, config: ModelConfig) -> None:
+    """Raise a ConfigError, naming the fix, for a model option the causal interfaces do not take (yet)."""
+    if config.backbone.image_positions != "1d":
+        raise ConfigError(f"backbone.image_positions = {config.backbone.image_positions!r} is not supported by the "
+                          f"{name!r} interface yet (it draws image tokens one at a time); use '1d', or the "
+                          "'diffusion' interface")
+    if config.diffusion.t_sampling != "uniform":
+        raise ConfigError(f"diffusion.t_sampling = {config.diffusion.t_sampling!r} applies to the 'diffusion' "
+                          f"interface; the {name!r} interface draws no such time in the backbone (the MLP head of "
+                          "hybrid / mar draws its own uniform t): drop it")

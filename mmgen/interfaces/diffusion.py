@@ -3,7 +3,8 @@
 Latents (N, c, G, G) are cut into p×p patches (N, L, P); a linear layer maps each patch to the
 hidden width and a timestep embedding is added per image; a zero-initialized linear layer maps
 the hidden states at the slots back to patch space (ε, v or flow velocity, per `objective`).
-Noise time is drawn per image and capped for an image that precedes its text (DESIGN §4).
+Noise time is drawn per image (uniform or logit-normal, `diffusion.t_sampling`) and capped for an image
+that precedes its text (DESIGN §4).
 Drawing runs a sampler of `mmgen.diffusion.samplers` over the image slots only, on the prefix's
 cached keys and values (read, never written), the null-prompt branch in the same batch for guidance.
 """
@@ -20,7 +21,7 @@ from mmgen import capture
 from mmgen.config import ImageConfig, ModelConfig
 from mmgen.diffusion.guidance import Guidance
 from mmgen.diffusion.noise import BrownianTreeNoise, iid_noise
-from mmgen.diffusion.objective import Objective
+from mmgen.diffusion.objective import Objective, draw_times
 from mmgen.diffusion.samplers import SAMPLERS, STOCHASTIC
 from mmgen.diffusion.schedules import make_sigmas, resolution_shift
 from mmgen.diffusion.step_cache import FirstBlockCache
@@ -97,7 +98,8 @@ class DiffusionInterface(ImageInterface):
     def train_inputs(self, tokens: ImageTokens, conditions: Tensor, generator: torch.Generator | None):
         x0 = tokens.latents.to(self.proj_in.weight.dtype)
         n = len(x0)
-        t = torch.rand(n, generator=generator, device=x0.device)
+        d = self.diffusion
+        t = draw_times(n, generator, x0.device, d.t_sampling, d.t_mean, d.t_std)  # (N,)
         t = torch.where(conditions, t * self.diffusion.max_t_when_conditioning, t)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t, target = self.objective.add_noise(x0, t, noise)
@@ -128,7 +130,7 @@ class DiffusionInterface(ImageInterface):
             if with_uncond not in contexts:
                 c = kv[with_uncond]
                 rows, dev = c.next_position.shape[0], c.next_position.device
-                positions = c.next_position[:, None] + torch.arange(L, device=dev)  # (rows, L)
+                positions = model.chunk_positions(c.next_position, L, image=True)  # (rows, L) or (rows, L, 3)
                 doc = torch.zeros(rows, L, dtype=torch.long, device=dev)
                 contexts[with_uncond] = model.context(positions, doc, torch.full_like(doc, c.images), c)
             return contexts[with_uncond]

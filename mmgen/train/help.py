@@ -18,6 +18,9 @@ MODEL_HELP = {
     "model.backbone.initializer_range": "std of the normal initialization",
     "model.backbone.image_experts": "image slots run through their own copy of each layer's projections, MLP and "
                                     "norms (LMFusion; set by model.freeze=text)",
+    "model.backbone.image_positions": "RoPE positions of image slots: 1d (the sequence index) or 2d (M-RoPE: "
+                                      "(p, p+row, p+col) for an image starting at p, text after it at p+grid; "
+                                      "diffusion interface only)",
     "model.image.interface": "diffusion (Transfusion), discrete (Chameleon), hybrid (HART) or mar",
     "model.image.understanding_input": "how images the model reads enter it (causal interfaces): codes, latents "
                                        "(tokenizer latents before quantization) or encoder (a frozen vision model)",
@@ -47,5 +50,9 @@ MODEL_HELP = {
     "model.diffusion.objective": "eps, v or flow",
     "model.diffusion.loss_weight": "λ in L = L_LM + λ·L_image",
     "model.diffusion.max_t_when_conditioning": "noise cap for an image that precedes its caption",
+    "model.diffusion.t_sampling": "training noise times t (t=1 is noise): uniform, or logit_normal "
+                                  "(SD3: t = sigmoid(t_mean + t_std·n), n ~ N(0,1); diffusion interface only)",
+    "model.diffusion.t_mean": "logit_normal: location m (0: mass at t=0.5; > 0: noisier)",
+    "model.diffusion.t_std": "logit_normal: scale s (> 0)",
     "model.diffusion.z_loss": "z-loss weight on the LM logits (1e-5 when used; 0: off)",
 }
