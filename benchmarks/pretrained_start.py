@@ -4,7 +4,8 @@
     python benchmarks/pretrained_start.py --pretrain-steps 400 --digits-steps 3000 --out runs/pd
 
 Stages (each skipped when its output exists; an interrupted training run resumes from its checkpoint):
-  1 corpus      pydoc_data.topics (CPython's language-reference topics) as paragraphs; 5% held out by hash
+  1 corpus      pydoc_data.topics (CPython's language-reference topics) as paragraphs, plus (default) the text
+                of 4,000 of the bundled dialogues, one conversation per paragraph; 5% held out by hash
   2 tokenizer   byte-level BPE (`tokenizers`) on the train split, saved as an HF tokenizer directory
   3 llama       a random small LlamaForCausalLM (transformers) saved next to the tokenizer
   4 pretrain    `mmgen train` on the text with --model.init_from, then `mmgen export-hf` -> the "pretrained LLM"
@@ -21,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -54,13 +56,24 @@ def held_out(paragraph: str) -> bool:
     return int(hashlib.sha256(paragraph.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELD_OUT_PERCENT
 
 
-def make_corpus(out: Path) -> None:
-    """corpus/train.txt and corpus/heldout.txt: blank-line separated paragraphs of pydoc_data.topics."""
+def dialogue_paragraphs(n: int) -> list[str]:
+    """The text of `n` bundled dialogues (`mmgen.data.dialogues`), one conversation per paragraph, images
+    left out: the words the digits and shapes are named with, as an LLM would have seen them."""
+    from mmgen.data.dialogues import DialogueSource
+
+    source, rng = DialogueSource(n, seed=0, channels=1, resolution=8), random.Random(0)
+    return [" ".join(p for m in source.sample(i, rng) for p in m.parts if isinstance(p, str)) for i in range(n)]
+
+
+def make_corpus(out: Path, dialogues: int) -> None:
+    """corpus/train.txt and corpus/heldout.txt: blank-line separated paragraphs of pydoc_data.topics and of
+    `dialogues` bundled conversations."""
     if (out / "corpus" / "heldout.txt").is_file():
         return say("corpus: exists, skipped")
     from pydoc_data.topics import topics
 
     paragraphs = [p.strip() for key in sorted(topics) for p in re.split(r"\n\s*\n", topics[key]) if p.strip()]
+    paragraphs += dialogue_paragraphs(dialogues)
     split = {"train": [p for p in paragraphs if not held_out(p)], "heldout": [p for p in paragraphs if held_out(p)]}
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     for name, parts in split.items():
@@ -328,6 +341,8 @@ def table(out: Path, text: dict, dig: dict, guidance: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/pretrained-demo")
+    p.add_argument("--dialogues", type=int, default=4000,
+                   help="bundled conversations added to the corpus (their text only; 0: pydoc alone)")
     p.add_argument("--vocab", type=int, default=3000, help="BPE vocabulary of the LLM")
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
@@ -345,7 +360,7 @@ def main() -> None:
         RUNS.append("frozen-lora")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = [("corpus", lambda: make_corpus(out)), ("tokenizer", lambda: make_tokenizer(out, args.vocab)),
+    stages = [("corpus", lambda: make_corpus(out, args.dialogues)), ("tokenizer", lambda: make_tokenizer(out, args.vocab)),
               ("llama", lambda: make_llama(out, args.width, args.layers, seed=0)),
               ("pretrain", lambda: pretrain(out, args.pretrain_steps, args.pretrain_batch, args.pretrain_lr)),
               ("digits", lambda: digits(out, args.digits_steps, args.lora_rank))]
