@@ -16,7 +16,8 @@ its reply is read by `mmgen.shape_judge.ShapeJudge` (the objects of each cell of
                  edit's (before and after) holds anything.
     both         the two: the judge reads exactly the scene after the edit.
     caption right  the reply's text before its image, lowercased, without punctuation and the answer's
-                 opening ("here is", "done:", "ok,", "sure! here is"), is the caption of the scene after.
+                 opening ("here is", "done:", "ok,", "sure! here is"), names the objects of the scene after
+                 (in any order: the image does not say in which order they were placed).
 
 A reply without an image fails both and counts as "image missing". The same checks on the real renders
 of the scenes after the edits give the judge's ceiling, printed below the table. `--docs DIR` writes
@@ -70,13 +71,14 @@ def normalize(text: str) -> str:
 
 
 def names_caption(text: str, caption: str) -> bool:
-    """Whether `text`, without its opening ("here is", ...), is `caption` (both normalized)."""
+    """Whether `text`, without its opening ("here is", ...), names the objects of `caption`, in any order
+    (both normalized; a scene after an edit has at most two objects, joined by "and")."""
     said = normalize(text)
     for opening in OPENINGS:
         if said == opening or said.startswith(opening + " "):
             said = said[len(opening):].strip()
             break
-    return said == normalize(caption)
+    return sorted(said.split(" and ")) == sorted(normalize(caption).split(" and "))
 
 
 def judge_edit(edit: Edit, found: Sequence[ShapeObject]) -> tuple[bool, bool]:

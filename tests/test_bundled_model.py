@@ -65,13 +65,13 @@ def test_generate_and_caption_default_to_the_bundled_model(tmp_path, capsys, cla
     capsys.readouterr()
     test = DigitsDataset("test")
     paths = []
-    for i in range(10):
+    for i in range(50):  # 50, not 10: the model captions 92.6% of the 297; ten are too few to judge it by
         paths.append(str(tmp_path / f"held_out_{i}.png"))
         to_pil(test.images[i]).save(paths[-1])  # 8×8 grey PNGs
     main(["caption", *paths])
     captions = [line.split("\t", 1)[1] for line in capsys.readouterr().out.strip().splitlines()]
-    right = [parse_digit(c) == int(y) for c, y in zip(captions, test.labels[:10])]
-    assert np.mean(right) >= 0.8, captions
+    right = [parse_digit(c) == int(y) for c, y in zip(captions, test.labels[:50], strict=True)]
+    assert np.mean(right) >= 0.85, captions
 
 
 def test_a_shapes_request_gets_the_color_asked_for(chat):

@@ -227,9 +227,10 @@ def test_a_tokenizer_without_mmgen_control_tokens_is_named(model_dir):
 def test_another_models_tokenizer_is_refused(model_dir):
     other = TextTokenizer.train(["a red circle", "two blue squares", "seven"] * 20, vocab_size=300)
     other.save(model_dir)
-    with pytest.raises(ModelFileError, match=rf"tokenizer.model has {len(other)} pieces but .*config.json gives "
-                                             r"backbone.vocab_size = 938: the tokenizer does not belong"):
-        Pipeline.from_pretrained(model_dir)
+    with pytest.raises(ModelFileError, match=rf"tokenizer.model is not the tokenizer .*model.safetensors was saved "
+                                             rf"with \(their SHA-256 differ; it has {len(other)} pieces, the model's "
+                                             r"vocabulary 1024\)"):
+        Pipeline.from_pretrained(model_dir)  # the bundle records its tokenizer's digest
     model = MMGenModel(micro_config(len(other) - 1))
     with pytest.raises(ModelFileError, match=rf"has {len(other)} pieces but the model's vocabulary .* has "
                                              rf"{len(other) - 1}"):
