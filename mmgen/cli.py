@@ -304,17 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
     add_load_args(p)
     p.set_defaults(fn=cmd_score)
-
-    p = sub.add_parser("edit", help="change an image as an instruction says",
-                       description="Draw IMAGE changed as INSTRUCTION says (e.g. 'make the circle blue'), save it "
-                                   "to -o and print the model's answer. The model must be trained to edit (the "
-                                   "bundled one is).")
-    p.add_argument("image", nargs="+", help="the image file to change (one)")
-    p.add_argument("instruction", type=text, help="what to change, e.g. 'move the square to the top'")
-    p.add_argument("-o", "--output", default="edited.png", help="image file (.png, .jpg, .webp)")
-    p.add_argument("--scale", type=integer(1, 64), default=8, help="nearest-neighbour upscaling of the saved image")
-    _sampling_args(p)
-    p.set_defaults(fn=cmd_edit)
+    _add_edit_parser(sub)
 
     p = sub.add_parser("chat", help="talk with the model: text and images in, text and images out",
                        description="Interactive chat. /image TEXT forces an image, /text TEXT text only, /attach PATH "
@@ -331,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_tokenizer_parsers(sub)
     return parser
+
+
+def _add_edit_parser(sub) -> None:
+    p = sub.add_parser("edit", help="change an image as an instruction says",
+                       description="Draw IMAGE changed as INSTRUCTION says (e.g. 'make the circle blue'), save it "
+                                   "to -o and print the model's answer. The model must be trained to edit (the "
+                                   "bundled one is).")
+    p.add_argument("image", nargs="+", help="the image file to change (one)")
+    p.add_argument("instruction", type=text, help="what to change, e.g. 'move the square to the top'")
+    p.add_argument("-o", "--output", default="edited.png", help="image file (.png, .jpg, .webp)")
+    p.add_argument("--scale", type=integer(1, 64), default=8, help="nearest-neighbour upscaling of the saved image")
+    _sampling_args(p)
+    p.set_defaults(fn=cmd_edit)
 
 
 if __name__ == "__main__":
