@@ -28,7 +28,7 @@ from mmgen.evaluation import DigitClassifier
 from mmgen.files import save_image_grid
 from mmgen.generation import GenerationOptions
 from mmgen.pipeline import Pipeline
-from mmgen.shape_judge import ShapeJudge
+from mmgen.shape_judge import ShapeJudge, to_pixels
 
 BEST_OF = (1, 2, 4, 8)
 
@@ -60,7 +60,7 @@ def shape_task(pipe: Pipeline, n: int) -> Task:
     objects = [held.objects(i)[0] for i in range(n)]
 
     def right(images: torch.Tensor) -> np.ndarray:  # (n, 3, H, W)
-        color = [classify_color(((im.permute(1, 2, 0) + 1) * 127.5).numpy()) == o.color for im, o in
+        color = [classify_color(to_pixels(im)) == o.color for im, o in
                  zip(images, objects)]
         shape = [s == o.shape for s, o in zip(judge.shape(images), objects, strict=True)]
         return np.array(color) & np.array(shape)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from mmgen.data.shapes import _CELLS, BRIGHT_THRESHOLD, POSITIONS, SHAPES, ShapeObject, ShapesDataset, classify_color
+from mmgen.pipeline import to_pil
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 
@@ -55,7 +56,7 @@ def to_pixels(image: ImageLike) -> np.ndarray:
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"image tensors must be float (3, H, W) in [-1, 1], got {image.dtype} of shape "
                              f"{tuple(image.shape)}")
-        return ((image.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        return np.asarray(to_pil(image.detach()))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image arrays must be uint8 (H, W, 3), got {image.dtype} of shape {image.shape}")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mmgen.chat_template import Message
-from mmgen.data.images import fit_tensor
+from mmgen.data.images import fit_array
 from mmgen.data.shapes import _PHRASES, COLORS, POSITIONS, SHAPES, ShapeObject, caption, render
 from mmgen.data.source import Source
 
@@ -214,8 +214,7 @@ class EditSource(Source):
 
     def image(self, scene: Scene) -> torch.Tensor:
         """The scene as the model's (channels, resolution, resolution) float image in [-1, 1]."""
-        pixels = torch.from_numpy(scene.render(max(self.resolution, 8))).permute(2, 0, 1)
-        return fit_tensor(pixels.float().div(127.5).sub(1.0), self.channels, self.resolution)
+        return fit_array(scene.render(max(self.resolution, 8)), self.channels, self.resolution)
 
     def turn(self, edit: Edit, rng: random.Random, image_in_prompt: bool, again: bool = False) -> list[Message]:
         instruction = rng.choice(AGAIN).format(instruction=edit.instruction) if again else edit.instruction
