@@ -192,6 +192,9 @@ class HeadConfig:
 DEFAULT_CODE_INPUT_NOISE = 0.2  # ImageConfig.code_input_noise when images are read as latents or features
 
 
+PATCH_ENCODERS = ("linear", "unet")
+
+
 @dataclass
 class ImageConfig:
     """How images meet the backbone.
@@ -222,6 +225,11 @@ class ImageConfig:
         with another understanding_input the codes are only ever seen clean, and this is the knob.
         None (default): `DEFAULT_CODE_INPUT_NOISE` when understanding_input is not "codes", else 0
         (`input_code_noise` gives the value in use).
+    patch_encoder: how the "diffusion" interface maps latents to tokens and hidden states back:
+        "linear": one linear layer per p×p patch each way (the default).
+        "unet":   timestep-conditioned U-Net down / up blocks with skips (`mmgen.heads.unet`, Transfusion
+                  §4.3), `unet_channels` wide at the latent resolution, doubling per halving; patch_size
+                  must be a power of two.
     """
 
     interface: str = "diffusion"
@@ -231,6 +239,8 @@ class ImageConfig:
     understanding_input: str = "codes"
     understanding_encoder: str | None = None
     code_input_noise: float | None = None
+    patch_encoder: str = "linear"
+    unet_channels: int = 32
 
     def __post_init__(self) -> None:
         if self.code_input_noise is not None:
@@ -239,7 +249,11 @@ class ImageConfig:
             self.tokenizer = build(ImageTokenizerConfig, self.tokenizer, "tokenizer")
         if isinstance(self.head, dict):
             self.head = build(HeadConfig, self.head, "head")
-        _at_least(self, 1, "patch_size")
+        _at_least(self, 1, "patch_size", "unet_channels")
+        check_choice("patch_encoder", self.patch_encoder, PATCH_ENCODERS, error=ConfigError)
+        if self.patch_encoder == "unet" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"patch_encoder='unet' halves the latent grid per level, so patch_size must be a "
+                              f"power of two (1, 2, 4, 8, ...), got {self.patch_size}")
         if self.tokenizer.grid % self.patch_size:
             raise ConfigError(f"latent grid {self.tokenizer.grid} is not divisible by patch_size={self.patch_size}")
 

@@ -110,7 +110,7 @@ def test_experts_change_image_slots_and_later_text_never_text_alone(tmp_path):
     batch = builder([[tok.encode("draw a digit"), digit(3), tok.encode("a three")]])
     slots = batch.image_id[0] >= 0
     first = int(slots.nonzero()[0]) - 1  # <boi>: the last token that cannot see the image
-    image = model.image.embed_patches(model.image.patchify(batch.images), torch.zeros(1))
+    image = model.image.embed_patches(batch.images, torch.zeros(1))[0]
 
     def hidden(m):
         return m(m.embed(batch.ids, batch.image_id, image), batch.positions, batch.doc_id, batch.image_id)[0][0]

@@ -19,7 +19,7 @@ def full_forward(model, builder, segments, t_image=0.0, noisy=None):
     """Uncached reference: one forward over the whole sequence (images at noise time t_image)."""
     b = builder([segments], add_eos=False)
     images = b.images if noisy is None else noisy
-    tokens = model.image.embed_patches(model.image.patchify(images), torch.full((len(images),), t_image)) if len(images) else None
+    tokens = model.image.embed_patches(images, torch.full((len(images),), t_image))[0] if len(images) else None
     h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
     return b, h
 
@@ -56,10 +56,10 @@ def test_cached_denoiser_and_clean_pass_equal_uncached(model, builder, tokenizer
     x_t = x_ve * a
     b, h = full_forward(model, builder, [prompt, x0[0], after], t_image=0.4, noisy=x_t)
     slots = b.image_id[0] >= 0
-    pred = model.image.unpatchify(model.image.predict(h[0, slots][None]))
+    pred = model.image.unpatchify(model.image.predict(h[0, slots][None], None))
     torch.testing.assert_close(got, model.image.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
     # the clean pass, then <eoi> and text: logits equal the uncached forward with the clean image
-    tokens = model.image.embed_patches(model.image.patchify(x0), torch.zeros(1))
+    tokens, _ = model.image.embed_patches(x0, torch.zeros(1))
     model.extend(cache, tokens, torch.tensor([True]), True)
     logits = []
     for tid in [tokenizer.eoi_id] + after:

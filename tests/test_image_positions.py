@@ -113,9 +113,9 @@ def test_cached_denoiser_clean_pass_and_text_equal_uncached(model2d, builder, to
     got = image_denoiser(engine, cache, Guidance(scale=1.0))(x_ve, sigma)
     x_t = x_ve * model.image.objective.alpha_sigma(t)[0]
     b, h = full_forward(model, builder, [prompt, x0[0], after], t_image=0.4, noisy=x_t)
-    pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None]))
+    pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None], None))
     torch.testing.assert_close(got, model.image.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
-    model.extend(cache, model.image.embed_patches(model.image.patchify(x0), torch.zeros(1)), torch.tensor([True]), True)
+    model.extend(cache, model.image.embed_patches(x0, torch.zeros(1))[0], torch.tensor([True]), True)
     assert cache.next_position.tolist() == [1 + len(prompt) + 1 + G]  # <eoi> continues at p + g
     logits = [model.logits(model.extend(cache, model.embed(torch.tensor([[i]])), torch.tensor([True]), False)[:, -1])
               for i in [tokenizer.eoi_id] + after]

@@ -59,7 +59,7 @@ def test_mask_matches_the_rule(builder):
 
 def hidden_states(model, batch, images):
     t = torch.full((images.shape[0],), 0.3)
-    tokens = model.image.embed_patches(model.image.patchify(images), t)
+    tokens = model.image.embed_patches(images, t)[0]
     h, _ = model(model.embed(batch.ids, batch.image_id, tokens), batch.positions, batch.doc_id, batch.image_id)
     return h
 
@@ -90,7 +90,7 @@ def test_perturbation_under_a_cache(model, builder):
 
     def run(images):
         cache, _ = model.prefill(prefix)
-        tokens = model.image.embed_patches(model.image.patchify(images), torch.full((2,), 0.3))
+        tokens = model.image.embed_patches(images, torch.full((2,), 0.3))[0]
         return model.extend(cache, tokens, torch.tensor([True, True]), image=True)
 
     h0 = run(b.images)

@@ -51,12 +51,13 @@ def restore_threads():
 def fixed_train_inputs(self, tokens, conditions, generator):
     """DiffusionInterface.train_inputs with noise time and noise a function of the image alone, so the
     loss of a sample does not depend on which process or micro-batch drew it."""
-    x0 = tokens.latents.to(self.proj_in.weight.dtype)
+    x0 = tokens.latents.to(self.dtype)
     t = x0.flatten(1).sum(1).sin() * 0.45 + 0.5  # (N,) in (0.05, 0.95)
     t = torch.where(conditions, t * self.diffusion.max_t_when_conditioning, t)
     noise = torch.sin(x0 * 12.9898 + 78.233)
     x_t, target = self.objective.add_noise(x0, t, noise)
-    return self.embed_patches(self.patchify(x_t), t), self.patchify(target)
+    inputs, state = self.embed_patches(x_t, t)
+    return inputs, (self.patchify(target), state)
 
 
 def patch_noise(monkeypatch) -> None:

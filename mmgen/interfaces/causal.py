@@ -72,6 +72,10 @@ def check_model(name: str, config: ModelConfig) -> None:
         raise ConfigError(f"backbone.image_positions = {config.backbone.image_positions!r} is not supported by the "
                           f"{name!r} interface yet (it draws image tokens one at a time); use '1d', or the "
                           "'diffusion' interface")
+    if config.image.patch_encoder != "linear":
+        raise ConfigError(f"image.patch_encoder = {config.image.patch_encoder!r} applies to the 'diffusion' interface "
+                          f"(its patches are denoised in the backbone); the {name!r} interface embeds each token "
+                          "alone: drop it")
     if config.diffusion.t_sampling != "uniform":
         raise ConfigError(f"diffusion.t_sampling = {config.diffusion.t_sampling!r} applies to the 'diffusion' "
                           f"interface; the {name!r} interface draws no such time in the backbone (the MLP head of "

@@ -3,6 +3,8 @@
 Latents (N, c, G, G) are cut into p×p patches (N, L, P); a linear layer maps each patch to the
 hidden width and a timestep embedding is added per image; a zero-initialized linear layer maps
 the hidden states at the slots back to patch space (ε, v or flow velocity, per `objective`).
+With `image.patch_encoder = "unet"`, timestep-conditioned U-Net down / up blocks replace the two linear
+layers (`mmgen.heads.unet`; Transfusion §4.3).
 Noise time is drawn per image (uniform or logit-normal, `diffusion.t_sampling`) and capped for an image
 that precedes its text (DESIGN §4).
 Drawing runs a sampler of `mmgen.diffusion.samplers` over the image slots only, on the prefix's
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +31,7 @@ from mmgen.diffusion.step_cache import FirstBlockCache
 from mmgen.errors import OptionError
 from mmgen.events import ImageStep, relay
 from mmgen.heads.timestep import timestep_features
+from mmgen.heads.unet import UNetPatches
 from mmgen.interfaces.base import Drawing, DrawRequest, ImageInterface, require_tokenizer
 from mmgen.interfaces.understanding import check_understanding
 from mmgen.kv_cache import KVCache, pad_and_stack
@@ -62,9 +66,11 @@ class DiffusionInterface(ImageInterface):
         self.objective = Objective(config.diffusion.objective)
         self.time_features = time_features
         d, p = self.hidden_size, self.cfg.patch_dim
-        self.proj_in = nn.Linear(p, d)
         self.time_mlp = nn.Sequential(nn.Linear(time_features, d), nn.SiLU(), nn.Linear(d, d))
-        self.proj_out = nn.Linear(d, p)
+        if self.cfg.patch_encoder == "unet":
+            self.unet = UNetPatches(self.cfg.tokenizer.latent_channels, self.cfg.patch_size, d, self.cfg.unet_channels)
+        else:
+            self.proj_in, self.proj_out = nn.Linear(p, d), nn.Linear(d, p)
 
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
@@ -79,34 +85,50 @@ class DiffusionInterface(ImageInterface):
         return o
 
     def init_weights(self) -> None:
-        nn.init.zeros_(self.proj_out.weight)  # start by predicting zeros (DiT-style)
-        nn.init.zeros_(self.proj_out.bias)
+        if self.cfg.patch_encoder == "unet":
+            self.unet.init_weights()
+        else:
+            nn.init.zeros_(self.proj_out.weight)  # start by predicting zeros (DiT-style)
+            nn.init.zeros_(self.proj_out.bias)
 
-    def embed_patches(self, patches: Tensor, t: Tensor) -> Tensor:
-        """Patches (N, L, P) at noise time t (N,) -> token embeddings (N, L, D)."""
-        time = self.time_mlp(timestep_features(t, self.time_features).to(patches.dtype))  # (N, D)
-        return self.proj_in(patches) + time[:, None, :]
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_mlp[0].weight.dtype
 
-    def predict(self, hidden: Tensor) -> Tensor:
-        """Hidden states at image slots (N, L, D) -> model output per patch (N, L, P)."""
+    def embed_patches(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Any]:
+        """Latents (N, c, G, G) at noise time t (N,) -> token embeddings (N, L, D), and what `predict` needs
+        from this step besides the hidden states (the time embedding and the U-Net's skips)."""
+        time = self.time_mlp(timestep_features(t, self.time_features).to(x_t.dtype))  # (N, D)
+        if self.cfg.patch_encoder == "unet":
+            tokens, skips = self.unet.encode(x_t, time)
+            return tokens + time[:, None, :], (time, skips)
+        return self.proj_in(self.patchify(x_t)) + time[:, None, :], None
+
+    def predict(self, hidden: Tensor, state: Any) -> Tensor:
+        """Hidden states at image slots (N, L, D), and `embed_patches`' state -> model output per patch (N, L, P)."""
+        if self.cfg.patch_encoder == "unet":
+            return self.patchify(self.unet.decode(hidden, *state))
         return self.proj_out(hidden)
 
     def embed(self, tokens: ImageTokens) -> Tensor:
-        latents = tokens.latents
-        return self.embed_patches(self.patchify(latents.to(self.proj_in.weight.dtype)), latents.new_zeros(len(latents)))
+        latents = tokens.latents.to(self.dtype)
+        return self.embed_patches(latents, latents.new_zeros(len(latents)))[0]
 
     def train_inputs(self, tokens: ImageTokens, conditions: Tensor, generator: torch.Generator | None):
-        x0 = tokens.latents.to(self.proj_in.weight.dtype)
+        """Inputs (N, L, D); targets: the patched target (N, L, P) and `predict`'s state."""
+        x0 = tokens.latents.to(self.dtype)
         n = len(x0)
         d = self.diffusion
         t = draw_times(n, generator, x0.device, d.t_sampling, d.t_mean, d.t_std)  # (N,)
         t = torch.where(conditions, t * self.diffusion.max_t_when_conditioning, t)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t, target = self.objective.add_noise(x0, t, noise)
-        return self.embed_patches(self.patchify(x_t), t), self.patchify(target)
+        inputs, state = self.embed_patches(x_t, t)
+        return inputs, (self.patchify(target), state)
 
-    def loss(self, target: Tensor, slots: Tensor, prev: Tensor, generator=None) -> Tensor:
-        err = (self.predict(slots).float() - target.float()).pow(2).mean((1, 2))  # (N,)
+    def loss(self, targets: tuple[Tensor, Any], slots: Tensor, prev: Tensor, generator=None) -> Tensor:
+        target, state = targets
+        err = (self.predict(slots, state).float() - target.float()).pow(2).mean((1, 2))  # (N,)
         return self.diffusion.loss_weight * err
 
     # -- drawing ---------------------------------------------------------------------------------
@@ -140,12 +162,12 @@ class DiffusionInterface(ImageInterface):
             t = obj.t_from_sigma(sigma.double()).float().expand(len(ctx.cos))
             a, _ = obj.alpha_sigma(t)
             x_t = (torch.cat([x, x]) if with_uncond else x) * a.view(-1, 1, 1, 1).to(x.dtype)
-            tokens = self.embed_patches(self.patchify(x_t.to(model.dtype)), t)  # (rows, L, D)
+            tokens, state = self.embed_patches(x_t.to(model.dtype), t)  # (rows, L, D)
             if step_cache is not None:
                 hidden = step_cache(model.model, tokens, ctx)
             else:
                 hidden = capture.run(model.model, tokens, ctx, repeats=True)
-            x0 = obj.to_x0(x_t, self.unpatchify(self.predict(hidden)).to(x.dtype), t)
+            x0 = obj.to_x0(x_t, self.unpatchify(self.predict(hidden, state)).to(x.dtype), t)
             return (x0[:r], x0[r:]) if with_uncond else (x0, None)
 
         return torch.no_grad()(guidance.denoiser(branches))

@@ -30,6 +30,9 @@ MODEL_HELP = {
                                     "latents/encoder, else 0",
     "model.image.patch_size": "latent cells per token along each side (unset: 1 for codes and for 2×2 grids, else "
                               "the preset's)",
+    "model.image.patch_encoder": "diffusion: linear (one layer per patch) or unet (timestep-conditioned conv "
+                                 "down/up blocks with skips, Transfusion §4.3; patch_size a power of two)",
+    "model.image.unet_channels": "patch_encoder=unet: channels at the latent resolution (doubled per halving)",
     "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
     "model.image.tokenizer.channels": "image channels (1 grey, 3 RGB); data are converted to this",
     "model.image.tokenizer.resolution": "image side in pixels; data are resized and center-cropped to it",

@@ -1,0 +1,115 @@
+"""The U-Net patch encoder / decoder of the diffusion interface (`image.patch_encoder = "unet"`)."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import digit, micro_config
+from test_generation import OPTS, image_denoiser
+from test_image_positions import assert_same
+from test_interfaces import make
+from train_helpers import MICRO_MODEL, restore_threads  # noqa: F401 (autouse fixture)
+from train_helpers import micro_config as train_config
+
+from mmgen.config import ImageConfig, ImageTokenizerConfig
+from mmgen.diffusion.guidance import Guidance
+from mmgen.errors import ConfigError
+from mmgen.generation import Engine
+from mmgen.heads.unet import UNetPatches
+from mmgen.model import MMGenModel
+from mmgen.train.config import TrainConfig
+from mmgen.train.overrides import build
+from mmgen.train.tracking import read_log
+from mmgen.train.trainer import Trainer
+
+
+@pytest.fixture
+def unet_model(tokenizer) -> MMGenModel:
+    torch.manual_seed(0)
+    cfg = micro_config(len(tokenizer), objective="flow")
+    cfg.image = dataclasses.replace(cfg.image, patch_encoder="unet", unet_channels=8)
+    m = MMGenModel(cfg)
+    with torch.no_grad():  # an untrained model predicts zeros: make its outputs depend on its inputs
+        m.image.unet.conv_out.weight.normal_(0, 0.02)
+    return m.eval()
+
+
+def test_shapes_levels_and_zero_start():
+    unet = UNetPatches(latent_channels=3, patch_size=4, hidden_size=24, channels=8)
+    unet.init_weights()
+    x, time = torch.randn(2, 3, 16, 16), torch.randn(2, 24)
+    tokens, skips = unet.encode(x, time)
+    assert tokens.shape == (2, 16, 24)  # (16 / 4)² tokens
+    assert [s.shape[1:] for s in skips] == [(8, 16, 16), (16, 8, 8), (32, 4, 4)]
+    assert torch.equal(unet.decode(tokens, time, skips), torch.zeros(2, 3, 16, 16))
+    one = UNetPatches(latent_channels=1, patch_size=1, hidden_size=24, channels=8)  # no halving: one level
+    assert one.encode(torch.randn(1, 1, 8, 8), time[:1])[0].shape == (1, 64, 24)
+
+
+def test_a_token_sees_the_pixels_around_its_patch():
+    """Unlike the linear layer, a token depends on pixels outside its patch (the convolutions' reach;
+    GroupNorm's statistics reach every token a little)."""
+    torch.manual_seed(0)
+    unet = UNetPatches(latent_channels=1, patch_size=2, hidden_size=16, channels=4)
+    x, time = torch.randn(1, 1, 16, 16), torch.randn(1, 16)
+    y = x.clone()
+    y[0, 0, 0, 2] += 1.0  # a pixel of token 1 (row 0, columns 2-3), next to token 0
+    change = (unet.encode(x, time)[0] - unet.encode(y, time)[0]).abs().amax(-1)[0]  # (64,)
+    assert change[0] > 10 * change[63] and change[1] > 10 * change[63]  # the neighbour, not a far token
+
+
+@torch.no_grad()
+def test_cached_denoiser_and_clean_pass_equal_uncached(unet_model, builder, tokenizer):
+    model, engine = unet_model, Engine(unet_model, builder)
+    prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
+    cache, _ = model.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
+    x0, t = digit(3)[None], torch.tensor([0.4])
+    sigma = model.image.objective.sigma(t)[0]
+    x_ve = x0 + sigma * torch.randn_like(x0)
+    got = image_denoiser(engine, cache, Guidance(scale=1.0))(x_ve, sigma)
+    x_t = x_ve * model.image.objective.alpha_sigma(t)[0]
+    b = builder([[prompt, x0[0], after]], add_eos=False)
+    tokens, state = model.image.embed_patches(x_t, t)  # uncached: one forward over the whole sequence
+    h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
+    pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None], state))
+    assert pred.abs().amax() > 1e-3
+    torch.testing.assert_close(got, model.image.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
+
+
+def generate(model, builder, tokenizer) -> list:
+    prompts = [[tokenizer.encode("a handwritten digit 7")], [digit(2), tokenizer.encode("this is")]]
+    return Engine(model, builder).generate(prompts, OPTS, seed=[11, 12], force_image=[True, False])
+
+
+def test_save_load_keeps_outputs(unet_model, builder, tokenizer, tmp_path):
+    before = generate(unet_model, builder, tokenizer)
+    assert isinstance(before[0][0], torch.Tensor)
+    unet_model.save_pretrained(tmp_path)
+    loaded = MMGenModel.from_pretrained(tmp_path)
+    assert loaded.config.image.patch_encoder == "unet" and loaded.config.image.unet_channels == 8
+    for a, b in zip(generate(loaded, builder, tokenizer), before, strict=True):
+        assert_same(a, b, atol=0)
+
+
+def test_a_training_run_lowers_the_image_loss(tmp_path, tokenizer):
+    tokenizer.save(tmp_path)
+    model = {**MICRO_MODEL, "image": {"patch_encoder": "unet", "unet_channels": 8}}
+    cfg = train_config(tmp_path / "run", tmp_path, model=model, train={"steps": 30, "batch_size": 16},
+                       optim={"lr": 3e-3, "warmup_steps": 2}, checkpoint={"every": 0}, log={"every": 1})
+    log = read_log(Trainer(build(TrainConfig, cfg)).fit())
+    first, last = sum(r["image"] for r in log[:5]) / 5, sum(r["image"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert MMGenModel.from_pretrained(tmp_path / "run").config.image.patch_encoder == "unet"
+
+
+def test_config_errors(tokenizer):
+    pixels = ImageTokenizerConfig(kind="pixels", channels=3, latent_channels=3, resolution=24)
+    with pytest.raises(ConfigError, match="patch_size must be a power of two .* got 3"):
+        ImageConfig(tokenizer=pixels, patch_size=3, patch_encoder="unet")
+    with pytest.raises(ConfigError, match="patch_encoder"):
+        ImageConfig(patch_encoder="conv")
+    for case in ("discrete", "hybrid", "mar"):
+        cfg = make(case, len(tokenizer)).config
+        cfg.image.patch_encoder = "unet"
+        with pytest.raises(ConfigError, match=f"applies to the 'diffusion' interface .* the '{case}' interface"):
+            MMGenModel(cfg)
