@@ -4,9 +4,11 @@
     python benchmarks/digits.py --model runs/digits-tiny   # evaluate an existing model
     python benchmarks/digits.py --train-steps 5 --out runs/digits-smoke --per-digit 2   # a quick check
     python benchmarks/digits.py --interface discrete --image-tokenizer runs/tokenizers/digits-vq --out runs/digits-vq
+    python benchmarks/digits.py --seeds 0 1 2 --threads 1        # three seeds (OUT-seed0, ...): mean and spread
+    python benchmarks/digits.py --set data.sources.0.p_image_first=0.3   # any other config key
 
 Training is `mmgen train digits-tiny` (`mmgen.train.trainer`) with the flags below as overrides
-(--out, --objective, --interface, --image-tokenizer, --train-steps, --threads) and its own
+(--out, --objective, --interface, --image-tokenizer, --train-steps, --threads, --set) and its own
 evaluation off: this script measures. Prints a markdown table: prompted-class accuracy of generated
 digits (an SVM trained on real digits judges them), caption accuracy on the 297 held-out real
 digits, and wall-clock times; writes the digit grid (one row per class) to --grid.
@@ -30,11 +32,16 @@ from mmgen.train.tracking import read_log
 from mmgen.train.trainer import run
 
 
-def train(args: argparse.Namespace) -> str:
+def train(args: argparse.Namespace, out: str, seed: int) -> str:
     """Run the default job with the command's overrides; returns the model directory."""
-    overrides = {"out": args.out, "model.diffusion.objective": args.objective, "model.image.interface": args.interface,
-                 "model.image_tokenizer": args.image_tokenizer, "train.steps": args.train_steps,
-                 "train.threads": args.threads, "eval.digits": 0}
+    overrides = {"out": out, "seed": seed, "model.diffusion.objective": args.objective,
+                 "model.image.interface": args.interface, "model.image_tokenizer": args.image_tokenizer,
+                 "train.steps": args.train_steps, "train.threads": args.threads, "eval.digits": 0}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. data.sources.0.p_image_first=0.3")
+        overrides[key] = value
     start = time.perf_counter()
     try:
         out = run(load_config("digits-tiny", overrides))
@@ -45,10 +52,38 @@ def train(args: argparse.Namespace) -> str:
     return str(out)
 
 
+def evaluate(model_dir: str, args: argparse.Namespace, label: str) -> list[dict]:
+    """One table row per (guidance, steps): prompted-class and caption accuracy, times; the last writes the grid."""
+    rows = []
+    for g in args.guidance:
+        for steps in args.image_steps:
+            grid = args.grid if (g, steps) == (args.guidance[-1], args.image_steps[-1]) else None
+            r = evaluate_digits(model_dir, args.per_digit, GenerationOptions(guidance=g, image_steps=steps), grid=grid)
+            print(f"| {label} | {g} | {steps} | {r['prompted_class_accuracy']:.3f} ({r['images']} images) | "
+                  f"{r['caption_accuracy']:.3f} ({r['held_out_digits']} digits) | {r['generation_seconds']} | "
+                  f"{r['caption_seconds']} |", flush=True)
+            rows.append({"guidance": g, **r})
+    return rows
+
+
+def print_spread(results: dict[int, list[dict]]) -> None:
+    """Mean and spread (min-max) over the seeds, per guidance, of both accuracies."""
+    print("\n| guidance | prompted-class accuracy: mean (min-max) | caption accuracy: mean (min-max) |")
+    print("|---|---|---|")
+    for i, row in enumerate(next(iter(results.values()))):
+        cells = []
+        for key in ("prompted_class_accuracy", "caption_accuracy"):
+            values = [rows[i][key] for rows in results.values()]
+            cells.append(f"{100 * sum(values) / len(values):.1f}% ({100 * min(values):.1f}-{100 * max(values):.1f}%)")
+        print(f"| {row['guidance']} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="evaluate this model directory instead of training one")
-    p.add_argument("--out", default="runs/digits-tiny")
+    p.add_argument("--out", default="runs/digits-tiny", help="run directory (with --seeds: OUT-seedN each)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train one run per seed (default: 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
     p.add_argument("--objective", default="flow", choices=["eps", "v", "flow"])
     p.add_argument("--interface", default="diffusion", choices=sorted(INTERFACES))
     p.add_argument("--image-tokenizer", help="trained image tokenizer directory (discrete and hybrid need one)")
@@ -64,17 +99,14 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    model_dir = args.model or train(args)
-
-    print("\n| guidance | steps | prompted-class accuracy | caption accuracy | generation s | caption s |")
-    print("|---|---|---|---|---|---|")
-    for g in args.guidance:
-        for steps in args.image_steps:
-            grid = args.grid if (g, steps) == (args.guidance[-1], args.image_steps[-1]) else None
-            r = evaluate_digits(model_dir, args.per_digit, GenerationOptions(guidance=g, image_steps=steps), grid=grid)
-            print(f"| {g} | {steps} | {r['prompted_class_accuracy']:.3f} ({r['images']} images) | "
-                  f"{r['caption_accuracy']:.3f} ({r['held_out_digits']} digits) | {r['generation_seconds']} | "
-                  f"{r['caption_seconds']} |")
+    several = len(args.seeds) > 1
+    runs = {0: args.model} if args.model else {
+        seed: train(args, f"{args.out}-seed{seed}" if several else args.out, seed) for seed in args.seeds}
+    print("\n| seed | guidance | steps | prompted-class accuracy | caption accuracy | generation s | caption s |")
+    print("|---|---|---|---|---|---|---|")
+    results = {seed: evaluate(model_dir, args, str(seed)) for seed, model_dir in runs.items()}
+    if len(results) > 1:
+        print_spread(results)
     print(f"\ngrid: {args.grid}")
 
 

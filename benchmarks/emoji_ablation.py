@@ -1,0 +1,92 @@
+"""The emoji recipe ablation: one `benchmarks/emoji.py` run per variant, same data, steps, batch and seed.
+
+    python benchmarks/emoji_ablation.py --tarball runs/emoji/emojione-assets-4.5.0.tgz   # the CPU budget below
+    python benchmarks/emoji_ablation.py --steps 20000 --batch-size 64 --preset small --patch-size 2 --threads 16
+    python benchmarks/emoji_ablation.py --only baseline,unet                              # some variants
+
+Each variant is the baseline plus `mmgen train` overrides (VARIANTS); its run lives in OUT/<variant> and a rerun
+skips what is done (emoji.py's stages). The table gives, per variant: trainable parameters, training wall time
+per step, FWD and log FWD of one generated image per held-out caption against the held-out reals, the share of
+the baseline's log-FWD gap to the real-vs-real floor that the variant closes, and how often its caption of a
+held-out real names the main word. The floor and the references are measured in each run (they must agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+HERE = Path(__file__).resolve().parent
+FLOOR = "train reals (floor)"
+VARIANTS: dict[str, list[str]] = {
+    "baseline": [],  # linear patch layers, 1-D RoPE over the whole sequence, uniform t
+    "unet": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16"],
+    "2d": ["--model.backbone.image_positions=2d"],
+    "logit_normal": ["--model.diffusion.t_sampling=logit_normal"],
+    "unet+2d+logit_normal": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16",
+                             "--model.backbone.image_positions=2d",
+                             "--model.diffusion.t_sampling=logit_normal"],
+}
+
+
+def run_variant(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
+    """emoji.py for one variant -> its measure.json, plus parameters and seconds per training step."""
+    out = args.out / name
+    cmd = [sys.executable, str(HERE / "emoji.py"), f"--out={out}", f"--steps={args.steps}",
+           f"--batch-size={args.batch_size}", f"--preset={args.preset}", f"--threads={args.threads}",
+           f"--model.image.patch_size={args.patch_size}", f"--optim.warmup_steps={args.warmup}",
+           f"--optim.lr={args.lr}", "--log.progress=false", "--samples.every=0", *VARIANTS[name], *extra]
+    if args.tarball:
+        cmd.append(f"--tarball={args.tarball}")
+    print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    result = json.loads((out / "measure.json").read_text())
+    log = list(csv.DictReader((out / "model" / "train_log.csv").open()))  # "seconds": since the previous row
+    seconds_per_step = sum(float(r["seconds"]) for r in log) / int(log[-1]["step"])
+    with safe_open(out / "model" / "model.safetensors", "pt") as f:
+        parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
+    return {**result, "name": name, "seconds_per_step": seconds_per_step, "parameters": parameters}
+
+
+def print_table(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["name"] == "baseline"), rows[0])
+    floor = math.log(base["fwd"][FLOOR])
+    gap = math.log(base["fwd"]["generated"]) - floor
+    print(f"\nfloor (train reals vs held-out reals): log FWD {floor:.2f}; baseline gap {gap:.2f}\n")
+    print("| variant | parameters | s / step | FWD ↓ | log FWD ↓ | baseline gap closed ↑ | captions naming the main word ↑ |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        log_fwd = math.log(r["fwd"]["generated"])
+        closed = (math.log(base["fwd"]["generated"]) - log_fwd) / gap if gap > 0 else float("nan")
+        print(f"| {r['name']} | {r['parameters'] / 1e6:.2f} M | {r['seconds_per_step']:.2f} | {r['fwd']['generated']:.4g} | {log_fwd:.2f} | "
+              f"{100 * closed:.0f}% | {100 * r['caption_hits'] / r['captioned']:.1f}% |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/emoji-ablation"))
+    p.add_argument("--tarball", type=Path, help="emojione-assets-4.5.0.tgz already fetched (default: npm pack)")
+    p.add_argument("--only", help=f"comma-separated variants (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    args, extra = p.parse_known_args()
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    if unknown := [n for n in names if n not in VARIANTS]:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    print_table([run_variant(name, args, extra) for name in names])
+
+
+if __name__ == "__main__":
+    main()
