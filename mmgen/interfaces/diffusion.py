@@ -65,12 +65,14 @@ class DiffusionInterface(ImageInterface):
         self.diffusion = config.diffusion
         self.objective = Objective(config.diffusion.objective)
         self.time_features = time_features
-        d, p = self.hidden_size, self.cfg.patch_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_features, d), nn.SiLU(), nn.Linear(d, d))
-        if self.cfg.patch_encoder == "unet":
-            self.unet = UNetPatches(self.cfg.tokenizer.latent_channels, self.cfg.patch_size, d, self.cfg.unet_channels)
+        d, p, linear = self.hidden_size, self.cfg.patch_dim, self.cfg.patch_encoder == "linear"
+        if linear:  # built in this order (in, time, out): the random initialization of a seed stays as it was
+            self.proj_in = nn.Linear(p, d)
         else:
-            self.proj_in, self.proj_out = nn.Linear(p, d), nn.Linear(d, p)
+            self.unet = UNetPatches(self.cfg.tokenizer.latent_channels, self.cfg.patch_size, d, self.cfg.unet_channels)
+        self.time_mlp = nn.Sequential(nn.Linear(time_features, d), nn.SiLU(), nn.Linear(d, d))
+        if linear:
+            self.proj_out = nn.Linear(d, p)
 
     @classmethod
     def check_config(cls, image: ImageConfig) -> None:
