@@ -24,6 +24,23 @@ def full_forward(model, builder, segments, t_image=0.0, noisy=None):
     return b, h
 
 
+def denoised_cached_and_uncached(model, builder, tokenizer):
+    """D(x, σ) at t = 0.4 on the cache of "digit 3 <boi>", and the same x0 from one uncached forward over
+    "digit 3 [x_t] a three" (`predict` given `embed_patches`' state); also the cache and the prompt parts."""
+    prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
+    cache, _ = model.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
+    x0, t = digit(3)[None], torch.tensor([0.4])
+    sigma = model.image.objective.sigma(t)[0]
+    x_ve = x0 + sigma * torch.randn_like(x0)
+    got = image_denoiser(Engine(model, builder), cache, Guidance(scale=1.0))(x_ve, sigma)
+    x_t = x_ve * model.image.objective.alpha_sigma(t)[0]
+    b = builder([[prompt, x0[0], after]], add_eos=False)
+    tokens, state = model.image.embed_patches(x_t, t)
+    h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
+    pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None], state))
+    return got, model.image.objective.to_x0(x_t, pred, t), cache, (prompt, x0, after)
+
+
 @torch.no_grad()
 def test_cached_text_decoding_equals_uncached(model, builder, tokenizer):
     prompt = tokenizer.encode("a handwritten digit")

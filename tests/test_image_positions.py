@@ -7,14 +7,13 @@ import pytest
 import torch
 from conftest import digit
 from test_backbone import hf_tiny, our_logits
-from test_generation import OPTS, full_forward, image_denoiser
-from test_interfaces import make
+from test_generation import OPTS, denoised_cached_and_uncached, full_forward
+from test_interfaces import assert_causal_interfaces_refuse
 from train_helpers import MICRO_MODEL, restore_threads  # noqa: F401 (autouse fixture)
 from train_helpers import micro_config as train_config
 
 from mmgen import capture
 from mmgen.config import BackboneConfig, ModelConfig
-from mmgen.diffusion.guidance import Guidance
 from mmgen.errors import ConfigError
 from mmgen.generation import Engine
 from mmgen.model import MMGenModel
@@ -104,17 +103,9 @@ def test_outputs_change_exactly_on_image_slots_and_the_text_after(model, model2d
 
 @torch.no_grad()
 def test_cached_denoiser_clean_pass_and_text_equal_uncached(model2d, builder, tokenizer):
-    model, engine = model2d, Engine(model2d, builder)
-    prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
-    cache, _ = model.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
-    x0, t = digit(3)[None], torch.tensor([0.4])
-    sigma = model.image.objective.sigma(t)[0]
-    x_ve = x0 + sigma * torch.randn_like(x0)
-    got = image_denoiser(engine, cache, Guidance(scale=1.0))(x_ve, sigma)
-    x_t = x_ve * model.image.objective.alpha_sigma(t)[0]
-    b, h = full_forward(model, builder, [prompt, x0[0], after], t_image=0.4, noisy=x_t)
-    pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None], None))
-    torch.testing.assert_close(got, model.image.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
+    model = model2d
+    got, want, cache, (prompt, x0, after) = denoised_cached_and_uncached(model, builder, tokenizer)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     model.extend(cache, model.image.embed_patches(x0, torch.zeros(1))[0], torch.tensor([True]), True)
     assert cache.next_position.tolist() == [1 + len(prompt) + 1 + G]  # <eoi> continues at p + g
     logits = [model.logits(model.extend(cache, model.embed(torch.tensor([[i]])), torch.tensor([True]), False)[:, -1])
@@ -181,8 +172,5 @@ def test_old_configs_load_with_1d_and_causal_interfaces_refuse_2d(tokenizer):
     assert ModelConfig.load("mmgen/assets/chat-tiny/config.json").backbone.image_positions == "1d"
     with pytest.raises(ConfigError, match="image_positions = '3d': must be one of '1d', '2d'"):
         BackboneConfig(image_positions="3d")
-    for case in ("discrete", "hybrid", "mar"):
-        cfg = make(case, len(tokenizer)).config
-        cfg.backbone.image_positions = "2d"
-        with pytest.raises(ConfigError, match=f"not supported by the '{case}' interface yet"):
-            MMGenModel(cfg)
+    assert_causal_interfaces_refuse(tokenizer, lambda cfg: setattr(cfg.backbone, "image_positions", "2d"),
+                                    "not supported by the '{case}' interface yet")

@@ -11,6 +11,7 @@ from conftest import digit
 from mmgen import events
 from mmgen.config import BackboneConfig, HeadConfig, ImageConfig, ImageTokenizerConfig, ModelConfig
 from mmgen.diffusion.guidance import Guidance
+from mmgen.errors import ConfigError
 from mmgen.generation import Engine, GenerationOptions
 from mmgen.interfaces.base import ImageInterface
 from mmgen.interfaces.registry import INTERFACES
@@ -72,6 +73,16 @@ def make(case: str, vocab: int, understanding: str = "codes", encoder: str | Non
         for p in model.image_tokenizer.parameters():
             p.normal_(0, 0.1) if p.dim() >= 2 else None
     return model.eval()
+
+
+def assert_causal_interfaces_refuse(tokenizer, change, match: str) -> None:
+    """Each causal interface's model with `change(config)` applied raises a ConfigError matching `match`
+    (its `{case}` filled with the interface's name)."""
+    for case in ("discrete", "hybrid", "mar"):
+        cfg = make(case, len(tokenizer)).config
+        change(cfg)
+        with pytest.raises(ConfigError, match=match.format(case=case)):
+            MMGenModel(cfg)
 
 
 def builder_for(model, tokenizer) -> SequenceBuilder:

@@ -5,14 +5,13 @@ import dataclasses
 import pytest
 import torch
 from conftest import digit, micro_config
-from test_generation import OPTS, image_denoiser
+from test_generation import OPTS, denoised_cached_and_uncached
 from test_image_positions import assert_same
-from test_interfaces import make
+from test_interfaces import assert_causal_interfaces_refuse
 from train_helpers import MICRO_MODEL, restore_threads  # noqa: F401 (autouse fixture)
 from train_helpers import micro_config as train_config
 
 from mmgen.config import ImageConfig, ImageTokenizerConfig
-from mmgen.diffusion.guidance import Guidance
 from mmgen.errors import ConfigError
 from mmgen.generation import Engine
 from mmgen.heads.unet import UNetPatches
@@ -59,21 +58,9 @@ def test_a_token_sees_the_pixels_around_its_patch():
 
 
 @torch.no_grad()
-def test_cached_denoiser_and_clean_pass_equal_uncached(unet_model, builder, tokenizer):
-    model, engine = unet_model, Engine(unet_model, builder)
-    prompt, after = tokenizer.encode("digit 3"), tokenizer.encode("a three")
-    cache, _ = model.prefill(builder([[prompt, [tokenizer.boi_id]]], add_eos=False))
-    x0, t = digit(3)[None], torch.tensor([0.4])
-    sigma = model.image.objective.sigma(t)[0]
-    x_ve = x0 + sigma * torch.randn_like(x0)
-    got = image_denoiser(engine, cache, Guidance(scale=1.0))(x_ve, sigma)
-    x_t = x_ve * model.image.objective.alpha_sigma(t)[0]
-    b = builder([[prompt, x0[0], after]], add_eos=False)
-    tokens, state = model.image.embed_patches(x_t, t)  # uncached: one forward over the whole sequence
-    h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
-    pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None], state))
-    assert pred.abs().amax() > 1e-3
-    torch.testing.assert_close(got, model.image.objective.to_x0(x_t, pred, t), atol=1e-4, rtol=1e-4)
+def test_cached_denoiser_equals_uncached(unet_model, builder, tokenizer):
+    got, want, _, _ = denoised_cached_and_uncached(unet_model, builder, tokenizer)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def generate(model, builder, tokenizer) -> list:
@@ -108,8 +95,5 @@ def test_config_errors(tokenizer):
         ImageConfig(tokenizer=pixels, patch_size=3, patch_encoder="unet")
     with pytest.raises(ConfigError, match="patch_encoder"):
         ImageConfig(patch_encoder="conv")
-    for case in ("discrete", "hybrid", "mar"):
-        cfg = make(case, len(tokenizer)).config
-        cfg.image.patch_encoder = "unet"
-        with pytest.raises(ConfigError, match=f"applies to the 'diffusion' interface .* the '{case}' interface"):
-            MMGenModel(cfg)
+    assert_causal_interfaces_refuse(tokenizer, lambda cfg: setattr(cfg.image, "patch_encoder", "unet"),
+                                    "applies to the 'diffusion' interface .* the '{case}' interface")
