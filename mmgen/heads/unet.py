@@ -43,10 +43,7 @@ class UNetPatches(nn.Module):
     """Encoder and decoder of `levels` = log2(patch_size) resolutions between the latents and the tokens."""
 
     def __init__(self, latent_channels: int, patch_size: int, hidden_size: int, channels: int = 32):
-        super().__init__()
-        if patch_size & (patch_size - 1):
-            raise ValueError(f"the U-Net patch encoder halves the grid per level, so patch_size must be a power "
-                             f"of two, got {patch_size}")
+        super().__init__()  # patch_size: a power of two (`ImageConfig` checks it)
         self.levels = patch_size.bit_length() - 1
         widths = [channels * 2**k for k in range(self.levels + 1)]  # C_0 .. C_levels
         d = hidden_size
