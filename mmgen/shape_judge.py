@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmgen.data.images import to_grey_or_rgb
 from mmgen.data.shapes import _CELLS, BRIGHT_THRESHOLD, POSITIONS, SHAPES, ShapeObject, ShapesDataset, classify_color
 from mmgen.pipeline import to_pil
 
@@ -48,10 +49,11 @@ def min_bright(resolution: int) -> int:
 
 
 def to_pixels(image: ImageLike) -> np.ndarray:
-    """One image -> uint8 (H, W, 3): a PIL image (any mode, taken to RGB), a uint8 array (H, W, 3), or a
-    float tensor (3, H, W) in [-1, 1] (x -> round((x + 1) · 127.5), clamped to 0..255)."""
+    """One image -> uint8 (H, W, 3): a PIL image (any mode, by mmgen's one conversion rule: transparency
+    over white, `mmgen.data.images.to_grey_or_rgb`), a uint8 array (H, W, 3), or a float tensor (3, H, W)
+    in [-1, 1] (x -> round((x + 1) · 127.5), clamped to 0..255)."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(to_grey_or_rgb(image, 3), dtype=np.uint8)
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"image tensors must be float (3, H, W) in [-1, 1], got {image.dtype} of shape "

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmgen.data.edits import Scene, sample_edit
 from mmgen.data.shapes import BRIGHT_THRESHOLD, POSITIONS, SHAPES, ShapeObject, ShapesDataset
-from mmgen.shape_judge import ShapeJudge, cell_slices, min_bright
+from mmgen.shape_judge import ShapeJudge, cell_slices, min_bright, to_pixels
 
 _JUDGES: dict[int, ShapeJudge] = {}
 
@@ -75,6 +75,16 @@ def test_every_input_form_gives_the_same_objects():
     want = as_set(scene.objects)
     assert as_set(j.objects(pixels)) == as_set(j.objects(Image.fromarray(pixels))) == as_set(j.objects(tensor)) == want
     assert [o.position for o in j.objects(pixels)] == [p for p in POSITIONS if p in {o.position for o in scene.objects}]
+
+
+def test_pil_images_follow_the_one_conversion_rule():
+    """Transparency is composited over white, as for every image mmgen reads, not dropped."""
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:8] = (200, 30, 30, 255)  # an opaque red top half over a fully transparent (black) bottom half
+    pixels = to_pixels(Image.fromarray(rgba, "RGBA"))
+    assert pixels.dtype == np.uint8 and pixels.shape == (16, 16, 3)
+    assert (pixels[:8] == (200, 30, 30)).all() and (pixels[8:] == 255).all()
+    assert (to_pixels(Image.fromarray(rgba[..., :3])) == rgba[..., :3]).all()  # opaque RGB passes through
 
 
 def test_shape_of_whole_single_object_images():
