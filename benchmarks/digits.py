@@ -59,23 +59,27 @@ def evaluate(model_dir: str, args: argparse.Namespace, label: str) -> list[dict]
         for steps in args.image_steps:
             grid = args.grid if (g, steps) == (args.guidance[-1], args.image_steps[-1]) else None
             r = evaluate_digits(model_dir, args.per_digit, GenerationOptions(guidance=g, image_steps=steps), grid=grid)
-            print(f"| {label} | {g} | {steps} | {r['prompted_class_accuracy']:.3f} ({r['images']} images) | "
-                  f"{r['caption_accuracy']:.3f} ({r['held_out_digits']} digits) | {r['generation_seconds']} | "
-                  f"{r['caption_seconds']} |", flush=True)
-            rows.append({"guidance": g, **r})
+            rows.append({"guidance": g, "steps": steps, **r})
+            print(row(label, rows[-1]), flush=True)
     return rows
+
+
+def row(label: str, r: dict) -> str:
+    return (f"| {label} | {r['guidance']} | {r['steps']} | {r['prompted_class_accuracy']:.3f} ({r['images']} images) | "
+            f"{r['caption_accuracy']:.3f} ({r['held_out_digits']} digits) | {r['generation_seconds']} | "
+            f"{r['caption_seconds']} |")
 
 
 def print_spread(results: dict[int, list[dict]]) -> None:
     """Mean and spread (min-max) over the seeds, per guidance, of both accuracies."""
     print("\n| guidance | prompted-class accuracy: mean (min-max) | caption accuracy: mean (min-max) |")
     print("|---|---|---|")
-    for i, row in enumerate(next(iter(results.values()))):
+    for i, first in enumerate(next(iter(results.values()))):
         cells = []
         for key in ("prompted_class_accuracy", "caption_accuracy"):
             values = [rows[i][key] for rows in results.values()]
             cells.append(f"{100 * sum(values) / len(values):.1f}% ({100 * min(values):.1f}-{100 * max(values):.1f}%)")
-        print(f"| {row['guidance']} | {cells[0]} | {cells[1]} |")
+        print(f"| {first['guidance']} | {cells[0]} | {cells[1]} |")
 
 
 def main() -> None:
@@ -100,11 +104,18 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     several = len(args.seeds) > 1
-    runs = {0: args.model} if args.model else {
-        seed: train(args, f"{args.out}-seed{seed}" if several else args.out, seed) for seed in args.seeds}
-    print("\n| seed | guidance | steps | prompted-class accuracy | caption accuracy | generation s | caption s |")
-    print("|---|---|---|---|---|---|---|")
-    results = {seed: evaluate(model_dir, args, str(seed)) for seed, model_dir in runs.items()}
+    header = ("\n| seed | guidance | steps | prompted-class accuracy | caption accuracy | generation s | caption s |\n"
+              "|---|---|---|---|---|---|---|")
+    results = {}
+    for seed in [0] if args.model else args.seeds:  # each seed measured as soon as it is trained
+        model_dir = args.model or train(args, f"{args.out}-seed{seed}" if several else args.out, seed)
+        print(header)
+        results[seed] = evaluate(model_dir, args, str(seed))
+    if several:
+        print(header)
+        for seed, rows in results.items():
+            for r in rows:
+                print(row(str(seed), r))
     if len(results) > 1:
         print_spread(results)
     print(f"\ngrid: {args.grid}")
