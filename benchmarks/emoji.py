@@ -17,7 +17,9 @@ Stages, each skipped when its output under --out (default runs/emoji) exists:
            (an interrupted run resumes from its checkpoint)
   measure  one image per held-out caption; FWD (and its log) against the held-out reals, beside three references
            measured in the same run: as many train reals (the floor), the held-out reals blurred 4× (down and up),
-           uniform noise; the share of held-out reals the model captions with their main word; writes
+           uniform noise; how often generated image i has real i (the one caption i describes) nearest among the
+           held-out reals at 8×8, or among the nearest 10; the share of held-out reals the model captions with
+           their main word; writes
            OUT/measure.json and DOCS/emoji_grid.png (real | generated, with the caption), prints a markdown table
 docs/emoji.md has the caption rule, the split, the references and measured figures.
 """
@@ -51,6 +53,7 @@ QUICK_TRAIN = ["--optim.warmup_steps=5"]  # --quick: the config's 1,000 warmup s
 SAMPLE_PROMPTS = "[an emoji of a grinning face, an emoji of a red apple, an emoji of a dog face]"
 GRID_PAIRS, GRID_SIDE, GRID_COLUMNS = 16, 128, 4  # pairs, pixels per image side, pairs per row
 CHUNK = 32  # images per engine call in `measure`
+RETRIEVAL_SIDE, RETRIEVAL_K = 8, (1, 10)  # `retrieval`: compared at 8×8; hits among the nearest 1 and 10
 
 # -- train --------------------------------------------------------------------------------------------------------
 
@@ -116,6 +119,17 @@ def caption_hits(pipe: Pipeline, reals: torch.Tensor, records: list[dict], train
             "examples": [{"true": r["text"], "said": c} for r, c in list(zip(records, said, strict=True))[:8]]}
 
 
+def retrieval(held: torch.Tensor, generated: torch.Tensor, side: int = RETRIEVAL_SIDE) -> dict:
+    """Does image i follow caption i? Rank the held-out reals by L2 distance to generated image i at side×side
+    (area-downsampled: colour layout, not detail); a hit is real i, the one caption i describes, among the
+    nearest k. FWD compares distributions and cannot see this. Chance: k / N."""
+    a = F.interpolate(generated.float(), size=side, mode="area").flatten(1)  # (N, C·side²)
+    b = F.interpolate(held.float(), size=side, mode="area").flatten(1)  # (N, C·side²)
+    dist = torch.cdist(a, b)  # (N, N): generated i vs real j
+    rank = (dist < dist.diagonal()[:, None]).sum(1)  # (N,): reals strictly nearer than the right one
+    return {f"top{k}": int((rank < k).sum()) for k in RETRIEVAL_K}
+
+
 def blur4(images: torch.Tensor) -> torch.Tensor:
     """Down 4× (area) and back up (bilinear): a reference for a model that draws only the coarse shape."""
     small = F.interpolate(images, scale_factor=0.25, mode="area")
@@ -141,6 +155,8 @@ def measure(out: Path, model: Path, args: argparse.Namespace) -> dict:
         result = json.loads(path.read_text())
         if result["model"] != str(model):
             raise SystemExit(f"error: {path} measures {result['model']}, not {model}: delete it to measure {model}")
+        if "retrieval" not in result:
+            raise SystemExit(f"error: {path} predates the retrieval figure: delete it to measure {model} again")
         say(f"measure: {path} exists, skipped (delete it to measure again)")
         return result
     pipe = Pipeline.from_pretrained(model)
@@ -157,7 +173,7 @@ def measure(out: Path, model: Path, args: argparse.Namespace) -> dict:
             "uniform noise": noise}
     result = {"model": str(model), "images": len(held), "resolution": c.resolution, "guidance": args.guidance,
               "image_steps": args.image_steps, "fwd_level": fwd_level(c.resolution), "fwd": fwd_table(held, sets),
-              "draw_s_per_image": round(draw_s / len(held), 3),
+              "draw_s_per_image": round(draw_s / len(held), 3), "retrieval": retrieval(held, generated),
               **caption_hits(pipe, held, records, train_records)}
     path.write_text(json.dumps(result, indent=1) + "\n")
     grid = Path(args.docs or out) / "emoji_grid.png"
@@ -192,15 +208,18 @@ def print_table(result: dict, build_record: dict) -> None:
     print(f"\n{result['model']}: {result['images']} held-out emoji ({build_record['train']} train), "
           f"{result['resolution']}×{result['resolution']}, FWD level {result['fwd_level']}, guidance "
           f"{result['guidance']}, {result['image_steps']} steps, {result['draw_s_per_image']} s/image\n")
-    print("| against the held-out reals | FWD ↓ | log FWD ↓ | captions naming the main word ↑ |")
-    print("|---|---|---|---|")
+    top = result["retrieval"]
+    print("| against the held-out reals | FWD ↓ | log FWD ↓ | own real nearest / in the nearest 10 ↑ | "
+          "captions naming the main word ↑ |")
+    print("|---|---|---|---|---|")
     for name, value in result["fwd"].items():
-        hits = f"{100 * result['caption_hits'] / n:.1f}% ({result['caption_hits']}/{n})" if name == "generated" \
-            else "—"
-        print(f"| {'model: generated / its captions' if name == 'generated' else name} | {value:.4g} | "
-              f"{math.log(value):.2f} | {hits} |")
-    print(f"| always saying {result['majority_word']!r} (the commonest main word) | — | — | "
-          f"{100 * result['majority_hits'] / n:.1f}% ({result['majority_hits']}/{n}) |\n")
+        mine = name == "generated"
+        hits = f"{100 * result['caption_hits'] / n:.1f}% ({result['caption_hits']}/{n})" if mine else "—"
+        near = f"{100 * top['top1'] / n:.1f}% / {100 * top['top10'] / n:.1f}%" if mine else "—"
+        print(f"| {'model: generated / its captions' if mine else name} | {value:.4g} | "
+              f"{math.log(value):.2f} | {near} | {hits} |")
+    print(f"| chance / always saying {result['majority_word']!r} (the commonest main word) | — | — | "
+          f"{100 / n:.1f}% / {1000 / n:.1f}% | {100 * result['majority_hits'] / n:.1f}% ({result['majority_hits']}/{n}) |\n")
     for ex in result["examples"][:4]:
         print(f"true: {ex['true']!r} -> said: {ex['said']!r}")
 
