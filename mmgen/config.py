@@ -39,8 +39,9 @@ class BackboneConfig:
 
     image_positions:
         "1d": every token, image slots included, takes the next sequence position (the default; as before).
-        "2d": M-RoPE (Qwen2-VL): the head's rotary frequency pairs are split into sequence / row / column
-              sections (`mmgen.positions.rope_sections`); text has one position in all three (text-only
+        "2d": M-RoPE (Qwen2-VL, interleaved as in Qwen3-VL): the head's rotary frequency pairs are shared
+              out among sequence / row / column, pair j to component j mod 3 (`mmgen.positions.section_index`),
+              so each spans fast and slow frequencies; text has one position in all three (text-only
               sequences equal "1d" exactly), image slot (r, c) of an image starting at p has (p, p + r, p + c),
               and the text after a g×g image continues from p + g. For the "diffusion" interface only.
     """

@@ -5,7 +5,8 @@
 rotates exactly as under "1d". Slot k = r·g + c of a g×g image whose first slot is at p has
 (p, p + r, p + c); the token after the image (<eoi>) continues at p + g (Qwen2-VL's "largest position
 used + 1"), so an image takes g positions of the sequence instead of g². A head's rotary frequency
-pairs are split into three sections (`rope_sections`), each turned by its own component.
+pairs are shared out among the three components, interleaved (`section_index`): each turns a third of
+the pairs, from the fastest to the slowest.
 Shapes: B rows, T tokens, E head dim, g tokens along an image side, L = g² tokens per image.
 """
 
@@ -15,18 +16,13 @@ import torch
 from torch import Tensor
 
 
-def rope_sections(head_dim: int) -> tuple[int, int, int]:
-    """Frequency pairs (E/2 in all) turned by the sequence, row and column components: rows and columns
-    3/8 of the pairs each (rounded down), the sequence the rest and the highest frequencies (the first
-    pairs) — Qwen2-VL's [16, 24, 24] at E = 128; [6, 9, 9] at E = 48."""
-    pairs = head_dim // 2
-    side = 3 * pairs // 8
-    return pairs - 2 * side, side, side
-
-
 def section_index(head_dim: int) -> Tensor:
-    """(E/2,) the component (0 sequence, 1 row, 2 column) that turns each frequency pair."""
-    return torch.repeat_interleave(torch.arange(3), torch.tensor(rope_sections(head_dim)))
+    """(E/2,) the component (0 sequence, 1 row, 2 column) that turns each frequency pair: pair j turns with
+    component j mod 3 (the interleaved layout of Qwen3-VL), so rows and columns each get frequencies from
+    the fastest to the slowest. Qwen2-VL's contiguous sections ([16, 24, 24] at E = 128, the sequence
+    first) leave the columns only the slowest third: at E = 48 and θ = 10⁴ one step along a row turned
+    them by at most 0.003 rad, too little to tell the columns of a small grid apart."""
+    return torch.arange(head_dim // 2) % 3
 
 
 def sequence_positions(positions: Tensor, image_id: Tensor, grid: int, mode: str) -> Tensor:

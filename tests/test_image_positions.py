@@ -13,11 +13,12 @@ from train_helpers import MICRO_MODEL, restore_threads  # noqa: F401 (autouse fi
 from train_helpers import micro_config as train_config
 
 from mmgen import capture
+from mmgen.backbone import RotaryEmbedding
 from mmgen.config import BackboneConfig, ModelConfig
 from mmgen.errors import ConfigError
 from mmgen.generation import Engine
 from mmgen.model import MMGenModel
-from mmgen.positions import rope_sections, sequence_positions
+from mmgen.positions import section_index, sequence_positions
 from mmgen.train.config import TrainConfig
 from mmgen.train.overrides import build
 from mmgen.train.packing import Item, Packer
@@ -57,8 +58,19 @@ def expected(segments) -> list[tuple[int, int, int]]:
     return out
 
 
-def test_sections_follow_qwen2_vl():
-    assert rope_sections(128) == (16, 24, 24) and rope_sections(48) == (6, 9, 9) and rope_sections(12) == (2, 2, 2)
+def test_rows_and_columns_each_turn_fast_and_slow_pairs():
+    """Interleaved: pair j turns with component j mod 3. One step along a row or down a column then turns
+    some pair by over 0.4 rad at the tiny preset's head dim 48 (Qwen2-VL's contiguous layout: columns at
+    most 0.003 rad, so a small grid's columns were nearly indistinguishable)."""
+    assert section_index(48).tolist() == [0, 1, 2] * 8 and section_index(6).tolist() == [0, 1, 2]
+    rotary = RotaryEmbedding(48, 10_000.0)
+    angles = {}
+    for name, pos in {"origin": (5, 5, 5), "next column": (5, 5, 6), "next row": (5, 6, 5)}.items():
+        cos, sin = rotary(torch.tensor([[pos]]), torch.float32)  # (1, 1, 1, E)
+        angles[name] = torch.atan2(sin, cos)[0, 0, 0, :24]  # (E/2,) the angle of each pair
+    for step in ("next column", "next row"):
+        turned = (angles[step] - angles["origin"]).abs()
+        assert turned.max() > 0.4 and turned.min() == 0  # fast pairs turn; the other components' pairs do not
 
 
 def test_text_only_logits_equal_1d_and_transformers_llama(tmp_path):
