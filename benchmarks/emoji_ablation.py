@@ -30,6 +30,8 @@ FLOOR = "train reals (floor)"
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],  # linear patch layers, 1-D RoPE over the whole sequence, uniform t
     "unet": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16"],
+    "unet_no_skips": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16",
+                      "--model.image.unet_skips=false"],
     "2d": ["--model.backbone.image_positions=2d"],
     "logit_normal": ["--model.diffusion.t_sampling=logit_normal"],
     "unet+2d+logit_normal": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16",

@@ -230,7 +230,8 @@ class ImageConfig:
         "linear": one linear layer per p×p patch each way (the default).
         "unet":   timestep-conditioned U-Net down / up blocks with skips (`mmgen.heads.unet`, Transfusion
                   §4.3), `unet_channels` wide at the latent resolution, doubling per halving; patch_size
-                  must be a power of two.
+                  must be a power of two. `unet_skips` False drops the skips, so the decoder sees only the
+                  tokens (the skips let it denoise around the backbone, and the caption: docs/emoji.md).
     """
 
     interface: str = "diffusion"
@@ -242,6 +243,7 @@ class ImageConfig:
     code_input_noise: float | None = None
     patch_encoder: str = "linear"
     unet_channels: int = 32
+    unet_skips: bool = True
 
     def __post_init__(self) -> None:
         if self.code_input_noise is not None:

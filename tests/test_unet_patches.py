@@ -45,6 +45,24 @@ def test_shapes_levels_and_zero_start():
     assert one.encode(torch.randn(1, 1, 8, 8), time[:1])[0].shape == (1, 64, 24)
 
 
+def test_without_skips_the_decoder_sees_only_the_tokens():
+    """With skips the prediction moves with the noisy input even when the backbone's hidden states are held
+    fixed (the path around the backbone); without them it cannot."""
+    torch.manual_seed(0)
+    x, y, time, hidden = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 24), torch.randn(2, 16, 24)
+    moved = {}
+    for skips in (True, False):
+        unet = UNetPatches(latent_channels=3, patch_size=4, hidden_size=24, channels=8, skips=skips)
+        with torch.no_grad():
+            unet.conv_out.weight.normal_(0, 0.02)
+            tokens, kept = unet.encode(x, time)
+            assert tokens.shape == (2, 16, 24) and len(kept) == (3 if skips else 0)
+            out = unet.decode(hidden, time, kept)
+            assert out.shape == (2, 3, 16, 16) and out.abs().amax() > 0
+            moved[skips] = (out - unet.decode(hidden, time, unet.encode(y, time)[1])).abs().amax().item()
+    assert moved[True] > 1e-3 and moved[False] == 0
+
+
 def test_a_token_sees_the_pixels_around_its_patch():
     """Unlike the linear layer, a token depends on pixels outside its patch (the convolutions' reach;
     GroupNorm's statistics reach every token a little)."""
@@ -78,15 +96,17 @@ def test_save_load_keeps_outputs(unet_model, builder, tokenizer, tmp_path):
         assert_same(a, b, atol=0)
 
 
-def test_a_training_run_lowers_the_image_loss(tmp_path, tokenizer):
+@pytest.mark.parametrize("skips", [True, False])
+def test_a_training_run_lowers_the_image_loss(tmp_path, tokenizer, skips):
     tokenizer.save(tmp_path)
-    model = {**MICRO_MODEL, "image": {"patch_encoder": "unet", "unet_channels": 8}}
+    model = {**MICRO_MODEL, "image": {"patch_encoder": "unet", "unet_channels": 8, "unet_skips": skips}}
     cfg = train_config(tmp_path / "run", tmp_path, model=model, train={"steps": 30, "batch_size": 16},
                        optim={"lr": 3e-3, "warmup_steps": 2}, checkpoint={"every": 0}, log={"every": 1})
     log = read_log(Trainer(build(TrainConfig, cfg)).fit())
     first, last = sum(r["image"] for r in log[:5]) / 5, sum(r["image"] for r in log[-5:]) / 5
     assert last < 0.8 * first, (first, last)
-    assert MMGenModel.from_pretrained(tmp_path / "run").config.image.patch_encoder == "unet"
+    image = MMGenModel.from_pretrained(tmp_path / "run").config.image
+    assert image.patch_encoder == "unet" and image.unet_skips == skips
 
 
 def test_config_errors(tokenizer):

@@ -69,7 +69,8 @@ class DiffusionInterface(ImageInterface):
         if linear:  # built in this order (in, time, out): the random initialization of a seed stays as it was
             self.proj_in = nn.Linear(p, d)
         else:
-            self.unet = UNetPatches(self.cfg.tokenizer.latent_channels, self.cfg.patch_size, d, self.cfg.unet_channels)
+            self.unet = UNetPatches(self.cfg.tokenizer.latent_channels, self.cfg.patch_size, d, self.cfg.unet_channels,
+                                    self.cfg.unet_skips)
         self.time_mlp = nn.Sequential(nn.Linear(time_features, d), nn.SiLU(), nn.Linear(d, d))
         if linear:
             self.proj_out = nn.Linear(d, p)

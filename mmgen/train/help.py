@@ -33,6 +33,8 @@ MODEL_HELP = {
     "model.image.patch_encoder": "diffusion: linear (one layer per patch) or unet (timestep-conditioned conv "
                                  "down/up blocks with skips, Transfusion §4.3; patch_size a power of two)",
     "model.image.unet_channels": "patch_encoder=unet: channels at the latent resolution (doubled per halving)",
+    "model.image.unet_skips": "patch_encoder=unet: skips from the down to the up blocks (false: the decoder sees "
+                              "only the tokens)",
     "model.image.tokenizer.kind": "pixels, vae, vq, hybrid or diffusers (see mmgen/config.py)",
     "model.image.tokenizer.channels": "image channels (1 grey, 3 RGB); data are converted to this",
     "model.image.tokenizer.resolution": "image side in pixels; data are resized and center-cropped to it",
