@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
                       "--model.image.unet_skips=false"],
     "2d": ["--model.backbone.image_positions=2d"],
     "logit_normal": ["--model.diffusion.t_sampling=logit_normal"],
+    "2d+logit_normal": ["--model.backbone.image_positions=2d", "--model.diffusion.t_sampling=logit_normal"],
     "unet+2d+logit_normal": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16",
                              "--model.backbone.image_positions=2d",
                              "--model.diffusion.t_sampling=logit_normal"],
