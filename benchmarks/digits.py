@@ -116,7 +116,6 @@ def main() -> None:
         for seed, rows in results.items():
             for r in rows:
                 print(row(str(seed), r))
-    if len(results) > 1:
         print_spread(results)
     print(f"\ngrid: {args.grid}")
 

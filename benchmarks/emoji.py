@@ -53,7 +53,6 @@ QUICK_TRAIN = ["--optim.warmup_steps=5"]  # --quick: the config's 1,000 warmup s
 SAMPLE_PROMPTS = "[an emoji of a grinning face, an emoji of a red apple, an emoji of a dog face]"
 GRID_PAIRS, GRID_SIDE, GRID_COLUMNS = 16, 128, 4  # pairs, pixels per image side, pairs per row
 CHUNK = 32  # images per engine call in `measure`
-RETRIEVAL_SIDE, RETRIEVAL_K = 8, (1, 10)  # `retrieval`: compared at 8×8; hits among the nearest 1 and 10
 
 # -- train --------------------------------------------------------------------------------------------------------
 
@@ -119,7 +118,7 @@ def caption_hits(pipe: Pipeline, reals: torch.Tensor, records: list[dict], train
             "examples": [{"true": r["text"], "said": c} for r, c in list(zip(records, said, strict=True))[:8]]}
 
 
-def retrieval(held: torch.Tensor, generated: torch.Tensor, side: int = RETRIEVAL_SIDE) -> dict:
+def retrieval(held: torch.Tensor, generated: torch.Tensor, side: int = 8) -> dict:
     """Does image i follow caption i? Rank the held-out reals by L2 distance to generated image i at side×side
     (area-downsampled: colour layout, not detail); a hit is real i, the one caption i describes, among the
     nearest k. FWD compares distributions and cannot see this. Chance: k / N."""
@@ -127,7 +126,13 @@ def retrieval(held: torch.Tensor, generated: torch.Tensor, side: int = RETRIEVAL
     b = F.interpolate(held.float(), size=side, mode="area").flatten(1)  # (N, C·side²)
     dist = torch.cdist(a, b)  # (N, N): generated i vs real j
     rank = (dist < dist.diagonal()[:, None]).sum(1)  # (N,): reals strictly nearer than the right one
-    return {f"top{k}": int((rank < k).sum()) for k in RETRIEVAL_K}
+    return {"top1": int((rank < 1).sum()), "top10": int((rank < 10).sum())}
+
+
+def adherence(result: dict) -> str:
+    """`retrieval`'s hits as the tables print them: "nearest % / in the nearest 10 %"."""
+    top, n = result["retrieval"], result["images"]
+    return f"{100 * top['top1'] / n:.1f}% / {100 * top['top10'] / n:.1f}%"
 
 
 def blur4(images: torch.Tensor) -> torch.Tensor:
@@ -208,14 +213,13 @@ def print_table(result: dict, build_record: dict) -> None:
     print(f"\n{result['model']}: {result['images']} held-out emoji ({build_record['train']} train), "
           f"{result['resolution']}×{result['resolution']}, FWD level {result['fwd_level']}, guidance "
           f"{result['guidance']}, {result['image_steps']} steps, {result['draw_s_per_image']} s/image\n")
-    top = result["retrieval"]
     print("| against the held-out reals | FWD ↓ | log FWD ↓ | own real nearest / in the nearest 10 ↑ | "
           "captions naming the main word ↑ |")
     print("|---|---|---|---|---|")
     for name, value in result["fwd"].items():
         mine = name == "generated"
         hits = f"{100 * result['caption_hits'] / n:.1f}% ({result['caption_hits']}/{n})" if mine else "—"
-        near = f"{100 * top['top1'] / n:.1f}% / {100 * top['top10'] / n:.1f}%" if mine else "—"
+        near = adherence(result) if mine else "—"
         print(f"| {'model: generated / its captions' if mine else name} | {value:.4g} | "
               f"{math.log(value):.2f} | {near} | {hits} |")
     print(f"| chance / always saying {result['majority_word']!r} (the commonest main word) | — | — | "

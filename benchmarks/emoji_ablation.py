@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from emoji import adherence
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
@@ -76,9 +77,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         log_fwd = math.log(r["fwd"]["generated"])
         closed = (math.log(base["fwd"]["generated"]) - log_fwd) / gap if gap > 0 else float("nan")
-        top = r["retrieval"]
         print(f"| {r['name']} | {r['parameters'] / 1e6:.2f} M | {r['seconds_per_step']:.2f} | {r['fwd']['generated']:.4g} | "
-              f"{log_fwd:.2f} | {100 * closed:.0f}% | {100 * top['top1'] / n:.1f}% / {100 * top['top10'] / n:.1f}% | "
+              f"{log_fwd:.2f} | {100 * closed:.0f}% | {adherence(r)} | "
               f"{100 * r['caption_hits'] / r['captioned']:.1f}% |")
 
 

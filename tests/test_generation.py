@@ -38,6 +38,7 @@ def denoised_cached_and_uncached(model, builder, tokenizer):
     tokens, state = model.image.embed_patches(x_t, t)
     h, _ = model(model.embed(b.ids, b.image_id, tokens), b.positions, b.doc_id, b.image_id)
     pred = model.image.unpatchify(model.image.predict(h[0, b.image_id[0] >= 0][None], state))
+    assert pred.abs().amax() > 1e-3  # a zero prediction would make cached == uncached trivially
     return got, model.image.objective.to_x0(x_t, pred, t), cache, (prompt, x0, after)
 
 
