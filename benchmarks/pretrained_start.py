@@ -189,10 +189,10 @@ def pretrain(out: Path, steps: int, batch: int, lr: float) -> None:
         subprocess.run(cmd, check=True)
 
 
-def digits(out: Path, steps: int, lora_rank: int) -> None:
+def digits(out: Path, steps: int, lora_rank: int, overrides: list[str]) -> None:
     """Stage 5: the digits runs from the pretrained LLM, side by side, one thread each."""
     common = ["digits-tiny", f"--model.init_from={out / 'llm'}", f"--train.steps={steps}", "--threads=1",
-              "--eval.digits=0", "--log.progress=false"]
+              "--eval.digits=0", "--log.progress=false", *(f"--{kv}" for kv in overrides)]
     extra = {"frozen": ["--model.freeze=text"], "full": [],
              "frozen-lora": ["--model.freeze=text", f"--model.lora.rank={lora_rank}"]}
     todo = [name for name in RUNS if not finished(out / f"digits-{name}")]
@@ -353,9 +353,13 @@ def main() -> None:
     p.add_argument("--per-digit", type=int, default=10)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--lora-rank", type=int, default=0, help="also a digits run with freeze=text + LoRA of this rank")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS, help="which digits runs (default: both)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the digits runs, e.g. --set model.diffusion.loss_weight=0.5")
     p.add_argument("--stop-after", choices=["corpus", "tokenizer", "llama", "pretrain", "digits"])
     args = p.parse_args()
     torch.set_num_threads(1)
+    RUNS[:] = args.runs
     if args.lora_rank:
         RUNS.append("frozen-lora")
     out = Path(args.out)
@@ -363,7 +367,7 @@ def main() -> None:
     stages = [("corpus", lambda: make_corpus(out, args.dialogues)), ("tokenizer", lambda: make_tokenizer(out, args.vocab)),
               ("llama", lambda: make_llama(out, args.width, args.layers, seed=0)),
               ("pretrain", lambda: pretrain(out, args.pretrain_steps, args.pretrain_batch, args.pretrain_lr)),
-              ("digits", lambda: digits(out, args.digits_steps, args.lora_rank))]
+              ("digits", lambda: digits(out, args.digits_steps, args.lora_rank, args.set))]
     for name, stage in stages:
         stage()
         if name == args.stop_after:
