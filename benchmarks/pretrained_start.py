@@ -2,6 +2,8 @@
 
     python benchmarks/pretrained_start.py                       # every stage, into runs/pretrained-demo
     python benchmarks/pretrained_start.py --pretrain-steps 400 --digits-steps 3000 --out runs/pd
+    python benchmarks/pretrained_start.py --runs frozen --set model.diffusion.loss_weight=3 --stop-after digits
+                                                                # one digits run, a recipe override
 
 Stages (each skipped when its output exists; an interrupted training run resumes from its checkpoint):
   1 corpus      pydoc_data.topics (CPython's language-reference topics) as paragraphs, plus (default) the text
