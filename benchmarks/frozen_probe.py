@@ -18,7 +18,6 @@ import argparse
 import numpy as np
 import torch
 
-from mmgen import backbone
 from mmgen.data.digits import DigitsDataset
 from mmgen.pipeline import Pipeline
 
@@ -27,27 +26,15 @@ PROMPT = "a handwritten digit {}"
 
 def prompt_spread(pipe: Pipeline) -> list[dict]:
     """Per layer: |mean| and mean |x - mean| of the keys and of the values at the digit token over the ten digits."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    attend = backbone.attend
-
-    def recording(q, k, v, mask):  # k, v (B, K, S, E)
-        seen.append((k[0, :, -1].flatten(), v[0, :, -1].flatten()))  # the last token's, (K·E,)
-        return attend(q, k, v, mask)
-
     model, tok = pipe.model, pipe.builder.tok
-    per_digit = []
-    backbone.attend = recording
-    try:
-        for d in range(10):
-            seen.clear()
-            ids = torch.tensor([[tok.bos_id, *tok.encode(PROMPT.format(d))]])  # (1, T)
-            t = ids.shape[1]
-            with torch.no_grad():
-                model(model.embed(ids), torch.arange(t)[None], torch.zeros(1, t, dtype=torch.long),
-                      torch.full((1, t), -1))
-            per_digit.append(list(seen))
-    finally:
-        backbone.attend = attend
+    per_digit = []  # per digit, per layer: (keys, values) of the last token, each (K·E,)
+    for d in range(10):
+        ids = torch.tensor([[tok.bos_id, *tok.encode(PROMPT.format(d))]])  # (1, T)
+        t = ids.shape[1]
+        with torch.no_grad():  # the forward returns each layer's keys/values (B, K, T, E), RoPE applied
+            _, kv = model(model.embed(ids), torch.arange(t)[None], torch.zeros(1, t, dtype=torch.long),
+                          torch.full((1, t), -1))
+        per_digit.append([(k[0, :, -1].flatten(), v[0, :, -1].flatten()) for k, v in kv])
     rows = []
     for layer in range(len(per_digit[0])):
         row = {"layer": layer}
@@ -59,12 +46,12 @@ def prompt_spread(pipe: Pipeline) -> list[dict]:
     return rows
 
 
-def reading(pipe: Pipeline) -> tuple[float, np.ndarray]:
-    """The share of ten held-out images (one per digit) whose own prompt scores best, and the (10, 10) scores."""
+def reading(pipe: Pipeline) -> float:
+    """The share of ten held-out images (one per digit) whose own prompt scores best (log p(prompt | image))."""
     data = DigitsDataset("test")
     images = [data.images[int(np.flatnonzero(data.labels == d)[0])] for d in range(10)]
-    scores = np.stack([pipe.score(images, PROMPT.format(d)).total.numpy() for d in range(10)], axis=1)
-    return float((scores.argmax(1) == np.arange(10)).mean()), scores
+    scores = np.stack([pipe.score(images, PROMPT.format(d)).total.numpy() for d in range(10)], axis=1)  # (10, 10)
+    return float((scores.argmax(1) == np.arange(10)).mean())
 
 
 def main() -> None:
@@ -79,7 +66,7 @@ def main() -> None:
         for r in prompt_spread(pipe):
             (kn, ks), (vn, vs) = r["keys"], r["values"]
             print(f"| {r['layer']} | {kn:.2f} | {ks:.2f} | {ks / kn:.2f} | {vn:.2f} | {vs:.2f} | {vs / vn:.2f} |")
-        share, _ = reading(pipe)
+        share = reading(pipe)
         print(f"own prompt scores best for {share:.0%} of 10 held-out images (one per digit)")
 
 
