@@ -1,7 +1,8 @@
-"""Image editing on held-out edits: does the chat model make the change asked for and keep the rest?
+"""Image editing on held-out edits: does the model make the change asked for and keep the rest?
 
-    python benchmarks/editing.py                                   # the bundled model, 40 held-out edits per kind
-    python benchmarks/editing.py --model runs/chat-edits --per-kind 100 --docs docs/editing
+    python benchmarks/editing.py                                   # bundled edit-tiny, 40 held-out edits per kind
+    python benchmarks/editing.py --model chat-tiny                 # the bundled chat model
+    python benchmarks/editing.py --model runs/edit-tiny --per-kind 100 --docs docs/editing
     python benchmarks/editing.py --per-kind 4 --docs /tmp/edit-docs  # a quick end-to-end check
 
 For each kind of edit (`mmgen.data.edits`: recolor, reshape, move, add, remove), `--per-kind` edits
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mmgen.assets import BUNDLED, model_directory
 from mmgen.chat import Chat
 from mmgen.data.edits import ANSWER, EDIT_KINDS, SPLITS, Edit, sample_edit
 from mmgen.data.shapes import ShapeObject
@@ -211,11 +213,11 @@ def write_grid(results: Sequence[Result], resolution: int, path: Path, per_kind:
     atomic_write(path, buf.getvalue())
 
 
-def load(p: argparse.ArgumentParser, directory: str | None) -> Chat:
+def load(p: argparse.ArgumentParser, directory: str) -> Chat:
     """The model, or a clear argparse error: a directory that does not exist, is not a model, or draws grey."""
-    if directory is not None and not Path(directory).is_dir():
-        p.error(f"--model {directory}: no such directory (give the output directory of `mmgen train`, "
-                "or no --model for the bundled model)")
+    if not model_directory(directory).is_dir():
+        p.error(f"--model {directory}: no such directory (give the output directory of `mmgen train`, or a "
+                f"bundled model: {', '.join(BUNDLED)})")
     try:
         chat = Chat.from_pretrained(directory)
     except FileNotFoundError as e:
@@ -228,7 +230,8 @@ def load(p: argparse.ArgumentParser, directory: str | None) -> Chat:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--model", default="edit-tiny",
+                   help="model directory, or a bundled model: edit-tiny (the default), chat-tiny")
     p.add_argument("--per-kind", type=int, default=40, help="edits of each kind")
     p.add_argument("--split", choices=SPLITS, default="held_out", help="which edits (default: the held-out tenth)")
     p.add_argument("--seed", type=int, default=0, help="picks the edits (seed·1000 + i) and the model's seeds")
@@ -254,7 +257,7 @@ def main() -> None:
     replies = ask(chat, edits, args.seed, options)
     seconds = time.perf_counter() - t0
     results = judge_replies(judge, edits, replies)
-    print(f"\n{args.model or 'bundled model'}: {args.per_kind} {args.split} edits per kind, "
+    print(f"\n{args.model}: {args.per_kind} {args.split} edits per kind, "
           f"{chat.image_size}×{chat.image_size}" + "".join(f", {k} {v}" for k, v in options.items()) + "\n")
     print(table(results, missing))
     for kind in missing:

@@ -6,9 +6,10 @@ them back to the model's float32; the tokenizer digest stays in their header), t
 files (`tokenizer.model`, or a pretrained checkpoint's `tokenizer.json` and its companions), the files
 the model carries (a vision encoder's config), and `config.json` last.
 The default destination is `mmgen/assets/chat-tiny`, which `Chat.from_pretrained()` and the CLI
-load when no model is given. The bundled model was made with
+load when no model is given. The bundled models (`mmgen.assets.BUNDLED`) were made with
 
     mmgen train chat-tiny && python -m mmgen.bundle runs/chat-tiny
+    mmgen train edit-tiny && python -m mmgen.bundle runs/edit-tiny --out mmgen/assets/edit-tiny
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from mmgen import events
-from mmgen.assets import DEFAULT_MODEL
+from mmgen.assets import BUNDLED, model_directory
 from mmgen.chat_template import Message, parse_messages, render
 from mmgen.errors import ChatError, OptionError, check_choice, check_number
 from mmgen.files import CONFIG_FILE
@@ -104,12 +104,14 @@ class Chat:
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None) -> Chat:
-        """Load a model directory (`config.json`, `model.safetensors`, `tokenizer.model`); None: the bundled model.
+        """Load a model directory (`config.json`, `model.safetensors`, `tokenizer.model`) or a bundled model by name
+        ("chat-tiny", "edit-tiny": `mmgen.assets.BUNDLED`); None: chat-tiny.
         `dtype` casts the weights ("bf16", "fp16", "fp32"; None: as stored; an unknown name is an OptionError)."""
-        d = Path(directory) if directory is not None else DEFAULT_MODEL
+        d = model_directory(directory)
         if not (d / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{d} is not a model directory (no config.json); give the output directory of "
-                                    "`mmgen train`, or no path for the bundled model")
+                                    f"`mmgen train`, a bundled model's name ({', '.join(BUNDLED)}), or no path for "
+                                    "the bundled default")
         return cls(Pipeline.from_pretrained(d, device, dtype))
 
     @property

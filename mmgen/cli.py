@@ -25,8 +25,12 @@ from mmgen.serve.cli import add_serve_parser
 from mmgen.tokenizer_cli import add_tokenizer_parsers
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)") -> None:
-    p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
+MODEL_HELP = "model directory from `mmgen train`, or a bundled model: chat-tiny (the default), edit-tiny"
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: str = "text temperature (0 = greedy)",
+                   model_help: str = MODEL_HELP) -> None:
+    p.add_argument("--model", default=None, help=model_help)
     add_load_args(p)
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     p.add_argument("--steps", type=integer(1), default=None,
@@ -78,15 +82,16 @@ def _options(args, **overrides):
     return GenerationOptions(**{**kw, **overrides})
 
 
-def _load(args):
-    from mmgen.assets import DEFAULT_MODEL
+def _load(args, default: Path | None = None):
+    from mmgen.assets import BUNDLED, DEFAULT_MODEL, model_directory
     from mmgen.pipeline import Pipeline
 
     device = load_device(args.device)  # a bad --device fails before the files are read
-    d = Path(args.model) if args.model else DEFAULT_MODEL
+    d = model_directory(args.model, default or DEFAULT_MODEL)
     if not (d / CONFIG_FILE).is_file():
         raise ModelFileError(f"{d} is not a model directory (no config.json); give the output directory of "
-                             "`mmgen train`, or leave out --model for the bundled model")
+                             f"`mmgen train`, a bundled model's name ({', '.join(BUNDLED)}), or leave out --model "
+                             "for the bundled default")
     return Pipeline.from_pretrained(d, device, args.dtype)
 
 
@@ -189,6 +194,7 @@ def cmd_score(args) -> None:
 def cmd_edit(args) -> None:
     """`mmgen edit IMAGE "INSTRUCTION" -o OUT`: change one image as the instruction says (`Chat.edit`); save
     the drawn image atomically, print its path and the model's answer."""
+    from mmgen.assets import EDIT_MODEL
     from mmgen.chat import Chat
 
     if len(args.image) != 1:
@@ -197,7 +203,8 @@ def cmd_edit(args) -> None:
     out = Path(args.output)
     check_output_file(out, "-o", create=False)  # before the model loads: a bad -o fails in a second
     fmt = _image_format(out, grid=False)
-    chat = Chat(_load(args), _options(args, max_new_tokens=48, temperature=args.temperature or 0.0, max_images=1))
+    options = _options(args, max_new_tokens=48, temperature=args.temperature or 0.0, max_images=1)
+    chat = Chat(_load(args, EDIT_MODEL), options)
     edited = chat.edit(Path(args.image[0]), args.instruction, seed=args.seed, scale=args.scale)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "over the prompt's tokens, and per token (the image -> caption direction).")
     p.add_argument("images", nargs="+")
     p.add_argument("--prompt", type=text, required=True, help="the text to score the images against")
-    p.add_argument("--model", default=None, help="model directory from `mmgen train` (default: the bundled model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     add_load_args(p)
     p.set_defaults(fn=cmd_score)
     _add_edit_parser(sub)
@@ -326,13 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_edit_parser(sub) -> None:
     p = sub.add_parser("edit", help="change an image as an instruction says",
                        description="Draw IMAGE changed as INSTRUCTION says (e.g. 'make the circle blue'), save it "
-                                   "to -o and print the model's answer. The model must be trained to edit (the "
-                                   "bundled one is).")
+                                   "to -o and print the model's answer. The model must be trained to edit (both "
+                                   "bundled ones are; edit-tiny, the default, is the more reliable).")
     p.add_argument("image", nargs="+", help="the image file to change (one)")
     p.add_argument("instruction", type=text, help="what to change, e.g. 'move the square to the top'")
     p.add_argument("-o", "--output", default="edited.png", help="image file (.png, .jpg, .webp)")
     p.add_argument("--scale", type=integer(1, 64), default=8, help="nearest-neighbour upscaling of the saved image")
-    _sampling_args(p)
+    _sampling_args(p, model_help="model directory from `mmgen train`, or a bundled model: edit-tiny (the default), "
+                                 "chat-tiny")
     p.set_defaults(fn=cmd_edit)
 
 

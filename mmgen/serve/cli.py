@@ -19,7 +19,7 @@ from mmgen.arguments import integer, seconds
 from mmgen.serve.config import ServeConfig
 
 FLAGS = [  # (field, type, help); the flag is --field-with-dashes
-    ("model", Path, "model directory (default: the bundled chat-tiny)"),
+    ("model", Path, "model directory, or a bundled model: chat-tiny (the default), edit-tiny"),
     ("model_name", str, "the model id clients send (default: the directory name)"),
     ("device", str, "where the model runs: auto (CUDA when there is one), cpu, cuda or cuda:N"),
     ("dtype", str, "the weights' dtype: bf16 (GPUs that have it), fp16 or fp32"),

@@ -17,7 +17,7 @@ class ServeConfig:
     `max_input_images` images per request and `max_image_pixels` per image (400).
     """
 
-    model: Path | None = None  # a model directory; None: the bundled model
+    model: Path | None = None  # a model directory or a bundled model's name; None: chat-tiny
     model_name: str | None = None  # the id clients send as `model`; None: the directory name
     device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
     dtype: str = "fp32"  # the weights' dtype: bf16, fp16 or fp32 (`mmgen.files.DTYPES`)
