@@ -39,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "2d+lr2x": ["--model.backbone.image_positions=2d", "--optim.lr=2e-3"],  # after --lr: the last value wins
     "2d+lr4x": ["--model.backbone.image_positions=2d", "--optim.lr=4e-3"],
     "2d+no_ema": ["--model.backbone.image_positions=2d", "--train.ema_decay=0"],  # the raw weights
+    "2d+lr2x+no_ema": ["--model.backbone.image_positions=2d", "--optim.lr=2e-3", "--train.ema_decay=0"],
     "unet+2d+logit_normal": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16",
                              "--model.backbone.image_positions=2d",
                              "--model.diffusion.t_sampling=logit_normal"],
