@@ -9,7 +9,7 @@
 
 from pathlib import Path
 
-BUNDLED = {"chat-tiny": Path(__file__).parent / "chat-tiny", "edit-tiny": Path(__file__).parent / "edit-tiny"}
+BUNDLED = {name: Path(__file__).parent / name for name in ("chat-tiny", "edit-tiny")}
 DEFAULT_MODEL = BUNDLED["chat-tiny"]
 EDIT_MODEL = BUNDLED["edit-tiny"]
 
