@@ -53,11 +53,12 @@ def parse_spec(spec: str) -> tuple[str, str | None, str, str]:
 def run_config(out: Path, directory: str | None, interface: str, understanding: str, steps: int, seed: int,
                progress: bool, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """The `digits-tiny` job for one tokenizer: its interface, understanding input and image tokenizer,
-    `steps` steps, a checkpoint only at the end, no sample grids or evaluation (measured here); then `overrides`."""
+    `steps` steps, a checkpoint only at the end, no sample grids or evaluation (measured here); then `overrides`.
+    The run directories belong to the comparison: running it again retrains them (`overwrite`)."""
     return load_config(CONFIG, {"out": str(out), "seed": seed, "train.steps": steps, "model.image.interface": interface,
                                 "model.image.understanding_input": understanding,
                                 "model.image_tokenizer": directory, "checkpoint.every": 0, "samples.every": 0,
-                                "eval.digits": 0, "log.progress": progress, **(overrides or {})})
+                                "eval.digits": 0, "log.progress": progress, "overwrite": True, **(overrides or {})})
 
 
 def run_name(name: str, interface: str, understanding: str) -> str:

@@ -133,3 +133,30 @@ def test_resume_from_a_different_model_shape_is_a_clear_error(tmp_path, tokenize
     with pytest.raises(SystemExit):
         main([str(path), "--resume=" + str(tmp_path / "nowhere")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_new_run_never_silently_replaces_a_finished_one(tmp_path, tokenizer, capsys):
+    tokenizer.save(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(micro_config(tmp_path / "run", tmp_path, train={"steps": 2})))
+    out = main([str(path)])
+    weights = (out / "model.safetensors").read_bytes()
+    log = (out / "train_log.csv").read_text()
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_:  # another seed into the same OUT: refused, nothing touched
+        main([str(path), "--seed=1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoint step_00000002)" in err and "--overwrite" in err and "--resume" in err
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "train_log.csv").read_text() == log
+
+    (out / "checkpoints" / "step_00000002" / "trainer.json").unlink()  # no checkpoint left: the model still counts
+    with pytest.raises(SystemExit):
+        main([str(path), "--seed=1"])
+    assert "a trained model (model.safetensors)" in capsys.readouterr().err
+
+    assert main([str(path), "--seed=1", "--overwrite"]) == out  # replaces it: new weights, fresh checkpoints
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000002"]
+    assert main([str(path), "--resume"]) == out  # a finished run resumed: nothing to train, no error

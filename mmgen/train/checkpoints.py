@@ -28,7 +28,7 @@ from safetensors.torch import load_file, load_model
 from torch import Tensor, nn
 
 from mmgen.errors import CheckpointError
-from mmgen.files import CONFIG_FILE, atomic_write, fsync_dir
+from mmgen.files import CONFIG_FILE, WEIGHTS_FILE, atomic_write, fsync_dir
 
 LATEST = "latest"
 STATE = "trainer.json"  # written last: its presence marks a complete checkpoint
@@ -102,6 +102,21 @@ class CheckpointManager:
                 return named
         done = self.complete()
         return done[-1] if done else None
+
+    def claim_for_new_run(self, out: Path, overwrite: bool, main: bool) -> None:
+        """A run started without --resume may not silently replace another: refuse an OUT that holds a complete
+        checkpoint or a trained model, unless `overwrite` (then the main process deletes both)."""
+        found, model = self.latest(), out / WEIGHTS_FILE
+        if found is None and not model.is_file():
+            return
+        if not overwrite:
+            held = f"checkpoint {found.name}" if found else f"a trained model ({WEIGHTS_FILE})"
+            raise CheckpointError(f"{out} already holds a run ({held}) that a new run would overwrite: --resume "
+                                  "continues it, --out=OTHER_DIR starts the new run elsewhere, --overwrite=true "
+                                  f"replaces it (deletes {self.root} and {model.name})")
+        if main:
+            shutil.rmtree(self.root, ignore_errors=True)
+            model.unlink(missing_ok=True)
 
     def resolve(self, resume: str) -> Path:
         """`--resume` value -> checkpoint directory: "latest", a checkpoint, a checkpoints dir, or a run dir."""

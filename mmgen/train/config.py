@@ -1,6 +1,6 @@
 """The training configuration: one dataclass per section, from a YAML/JSON file plus overrides.
 
-    out, seed, resume
+    out, seed, resume, overwrite
     model       preset (tiny / small / base) + overrides of `mmgen.config.ModelConfig` fields
     tokenizer   a trained SentencePiece model, or one trained here on the data's text
     data        sources (bundled, image folder, HF datasets on disk, text, interleaved) mixed by weight
@@ -221,6 +221,7 @@ class TrainConfig:
     out: str = opt("runs/train", "output directory: final model, logs, sample grids, checkpoints/")
     seed: int = opt(0, "seed of initialization, data order and noise")
     resume: str | None = opt(None, "'latest' (newest checkpoint in OUT/checkpoints) or a checkpoint directory")
+    overwrite: bool = opt(False, "start afresh in an OUT that holds a run (deletes its checkpoints and model)")
     model: ModelSection = opt(ModelSection(), "model")
     tokenizer: TokenizerSection = opt(TokenizerSection(), "text tokenizer")
     data: DataConfig = opt(DataConfig(), "data")

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import yaml
 
-USAGE = """usage: mmgen train [CONFIG] [--KEY=VALUE ...] [--resume [PATH]] [--print-config] [--debug] [--help]
+USAGE = """usage: mmgen train [CONFIG] [--KEY=VALUE ...] [--resume [PATH] | --overwrite] [--print-config] [--debug] [--help]
        python -m mmgen.train ...      accelerate launch --multi_gpu --num_processes 2 -m mmgen.train ...
 
 CONFIG   a YAML or JSON file, or a config shipped with mmgen: {names} (default: {default})
 --KEY=VALUE   set any key below (also --KEY VALUE); lists: --data.sources.0.path=DIR or YAML, e.g.
               --samples.prompts='[a red circle, a blue square]'
 --resume [PATH]   continue exactly from the newest checkpoint in OUT/checkpoints, or from PATH
+--overwrite       start afresh in an OUT that holds a run (deletes its checkpoints and model; without it, refused)
 --print-config    print the resolved config as YAML and exit
 --debug           show the full traceback of an error (also MMGEN_DEBUG=1)
 Short forms: {aliases}

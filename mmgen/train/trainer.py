@@ -82,6 +82,9 @@ class Trainer:
         self.out = Path(c.out)
         self.ckpts = CheckpointManager(self.out / "checkpoints", c.checkpoint.keep)
         self.resume_dir = self.ckpts.resolve(c.resume) if c.resume else None
+        if not self.resume_dir:
+            self.ckpts.claim_for_new_run(self.out, c.overwrite, self.main)
+            self.acc.wait_for_everyone()  # nobody writes into OUT before the main process has cleared it
         self.state = json.loads((self.resume_dir / STATE).read_text()) if self.resume_dir else {}
         self._build_model_and_data()
         self.attention = check_attention(c.train.attention, self.acc.device)
