@@ -16,6 +16,7 @@ from train_helpers import micro_config, restore_threads, run_train, subprocess_e
 
 import mmgen.train.state as state_module
 from mmgen.errors import CheckpointError
+from mmgen.pipeline import Pipeline
 from mmgen.train.checkpoints import CheckpointManager
 from mmgen.train.config import TrainConfig
 from mmgen.train.entrypoint import main
@@ -160,3 +161,19 @@ def test_a_new_run_never_silently_replaces_a_finished_one(tmp_path, tokenizer, c
     assert (out / "model.safetensors").read_bytes() != weights
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000002"]
     assert main([str(path), "--resume"]) == out  # a finished run resumed: nothing to train, no error
+
+
+def test_a_checkpoint_exports_as_a_model_directory(tmp_path, tokenizer):
+    """Resuming a checkpoint at its own step into another OUT trains nothing and writes its EMA weights as a model."""
+    tokenizer.save(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(micro_config(tmp_path / "run", tmp_path, train={"steps": 4, "ema_decay": 0.9})))
+    main([str(path)])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    out = main([str(ckpt / "train_config.json"), "--resume", str(ckpt), "--train.steps=2", f"--out={tmp_path / 'x'}"])
+    ema, exported = load_file(str(ckpt / "ema.safetensors")), load_file(str(out / "model.safetensors"))
+    shared = ema.keys() & exported.keys()
+    assert len(shared) >= len(ema) - 1 and all(torch.equal(ema[k], exported[k]) for k in shared)  # lm_head may be tied
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert not all(torch.equal(final[k], exported[k]) for k in shared)  # step 2's weights, not the end's
+    assert Pipeline.from_pretrained(out).caption([torch.zeros(1, 8, 8)])  # a complete model directory
