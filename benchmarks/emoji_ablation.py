@@ -3,6 +3,8 @@
     python benchmarks/emoji_ablation.py --tarball runs/emoji/emojione-assets-4.5.0.tgz   # the CPU budget below
     python benchmarks/emoji_ablation.py --steps 20000 --batch-size 64 --preset small --patch-size 2 --threads 16
     python benchmarks/emoji_ablation.py --only baseline,unet                              # some variants
+    mmgen train-tokenizer --kind vae --data runs/emoji-ablation/baseline/train --resolution 32 --channels 3 \
+        --downsample 4 --out runs/tokenizers/emoji-vae        # the VAE of the 2d+vae variant (--vae DIR)
 
 Each variant is the baseline plus `mmgen train` overrides (VARIANTS); its run lives in OUT/<variant> and a rerun
 skips what is done (emoji.py's stages). The table gives, per variant: trainable parameters, training wall time
@@ -40,6 +42,14 @@ VARIANTS: dict[str, list[str]] = {
     "2d+lr4x": ["--model.backbone.image_positions=2d", "--optim.lr=4e-3"],
     "2d+no_ema": ["--model.backbone.image_positions=2d", "--train.ema_decay=0"],  # the raw weights
     "2d+lr2x+no_ema": ["--model.backbone.image_positions=2d", "--optim.lr=2e-3", "--train.ema_decay=0"],
+    # the model's shape at about the tiny preset's parameters (4 layers × width 192: 1.77M in the layers)
+    "2d+deep": ["--model.backbone.image_positions=2d", "--model.backbone.num_hidden_layers=8",
+                "--model.backbone.hidden_size=136", "--model.backbone.intermediate_size=368"],  # 1.79M
+    "2d+shallow": ["--model.backbone.image_positions=2d", "--model.backbone.num_hidden_layers=2",
+                   "--model.backbone.hidden_size=272", "--model.backbone.intermediate_size=728"],  # 1.78M
+    "2d+patch8": ["--model.backbone.image_positions=2d", "--model.image.patch_size=8"],  # 16 tokens per image
+    # latents of mmgen's own VAE trained on the train split (--vae; 4× down: 8×8 latents, one token each)
+    "2d+vae": ["--model.backbone.image_positions=2d", "--model.image_tokenizer={vae}", "--model.image.patch_size=1"],
     "unet+2d+logit_normal": ["--model.image.patch_encoder=unet", "--model.image.unet_channels=16",
                              "--model.backbone.image_positions=2d",
                              "--model.diffusion.t_sampling=logit_normal"],
@@ -52,7 +62,8 @@ def run_variant(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
     cmd = [sys.executable, str(HERE / "emoji.py"), f"--out={out}", f"--steps={args.steps}",
            f"--batch-size={args.batch_size}", f"--preset={args.preset}", f"--threads={args.threads}",
            f"--model.image.patch_size={args.patch_size}", f"--optim.warmup_steps={args.warmup}",
-           f"--optim.lr={args.lr}", "--log.progress=false", "--samples.every=0", *VARIANTS[name], *extra]
+           f"--optim.lr={args.lr}", "--log.progress=false", "--samples.every=0",
+           *(a.replace("{vae}", str(args.vae)) for a in VARIANTS[name]), *extra]
     if args.tarball:
         cmd.append(f"--tarball={args.tarball}")
     print(f"\n== {name}: {' '.join(cmd[2:])}", flush=True)
@@ -98,10 +109,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae", type=Path, default=Path("runs/tokenizers/emoji-vae"), help="the VAE of the 2d+vae variant")
     args, extra = p.parse_known_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
     if unknown := [n for n in names if n not in VARIANTS]:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if "2d+vae" in names and not (args.vae / "config.json").is_file():
+        p.error(f"2d+vae needs a VAE at --vae {args.vae}; train one on the train split first: mmgen train-tokenizer "
+                f"--kind vae --data {args.out}/baseline/train --resolution 32 --channels 3 --downsample 4 "
+                f"--out {args.vae}")
     print_table([run_variant(name, args, extra) for name in names])
 
 
