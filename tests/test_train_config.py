@@ -109,6 +109,9 @@ def test_a_trained_image_tokenizer_sets_the_tokens_and_must_take_the_configs_ima
     assert resolve_model(fits.model)[0].image.tokens_per_image == 16  # an 8×8 latent grid in 2×2 patches
     with pytest.raises(ConfigError, match="remove model.image.tokenizer.kind"):
         load_config("digits-tiny", {"model.image_tokenizer": vq, "model.image.tokenizer.kind": "vq"})
+    folder = load_config(str(REPO / "configs" / "image-folder.yaml"), {"model.image_tokenizer": rgb,
+                                                                          "model.image.tokenizer.resolution": 16})
+    assert resolve_model(folder.model)[0].image.tokenizer.kind == "vae"  # its pixel section states only the format
     with pytest.raises(ConfigError, match="model.image: the 'discrete' interface"):
         load_config("digits-tiny", {"model.image_tokenizer": vae, "model.image.interface": "discrete"})
 

@@ -286,6 +286,8 @@ def _trained_image_tokenizer(directory: str, stated: dict):
 
     if not isinstance(stated, dict):
         raise ConfigError(f"model.image.tokenizer is a section: give a mapping of its keys, got {stated!r}")
+    if stated.get("kind") == "pixels":  # raw pixels (e.g. configs/image-folder.yaml) state nothing but the format
+        stated = {k: v for k, v in stated.items() if k not in ("kind", "latent_channels", "downsample")}
     other = sorted(set(stated) - set(IMAGE_FORMAT))
     if other:
         raise ConfigError(f"model.image_tokenizer replaces model.image.tokenizer, which may then only state the image "
