@@ -1,4 +1,5 @@
-"""Exact resume after SIGKILL, checkpoints that survive a crash mid-write, and resume errors."""
+"""Exact resume after SIGKILL, checkpoints that survive a crash mid-write, resume errors, no new run over an old
+one, and a checkpoint exported as a model directory."""
 
 from __future__ import annotations
 
