@@ -6,6 +6,7 @@
     python benchmarks/digits.py --interface discrete --image-tokenizer runs/tokenizers/digits-vq --out runs/digits-vq
     python benchmarks/digits.py --seeds 0 1 2 --threads 1        # three seeds (OUT-seed0, ...): mean and spread
     python benchmarks/digits.py --set data.sources.0.p_image_first=0.3   # any other config key
+    python benchmarks/digits.py --set resume=latest          # continue the run in --out (a new run there is refused)
 
 Training is `mmgen train digits-tiny` (`mmgen.train.trainer`) with the flags below as overrides
 (--out, --objective, --interface, --image-tokenizer, --train-steps, --threads, --set) and its own
