@@ -114,10 +114,11 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(VARIANTS)
     if unknown := [n for n in names if n not in VARIANTS]:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    if "2d+vae" in names and not (args.vae / "config.json").is_file():
-        p.error(f"2d+vae needs a VAE at --vae {args.vae}; train one on the train split first: mmgen train-tokenizer "
-                f"--kind vae --data {args.out}/baseline/train --resolution 32 --channels 3 --downsample 4 "
-                f"--out {args.vae}")
+    needs_vae = [n for n in names if any("{vae}" in a for a in VARIANTS[n])]
+    if needs_vae and not (args.vae / "config.json").is_file():
+        p.error(f"{needs_vae[0]} needs a VAE at --vae {args.vae}; train one on the train split first: "
+                f"mmgen train-tokenizer --kind vae --data {args.out}/baseline/train --resolution 32 --channels 3 "
+                f"--downsample 4 --out {args.vae}")
     print_table([run_variant(name, args, extra) for name in names])
 
 
