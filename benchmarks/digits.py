@@ -38,6 +38,8 @@ def train(args: argparse.Namespace, out: str, seed: int) -> str:
     overrides = {"out": out, "seed": seed, "model.diffusion.objective": args.objective,
                  "model.image.interface": args.interface, "model.image_tokenizer": args.image_tokenizer,
                  "train.steps": args.train_steps, "train.threads": args.threads, "eval.digits": 0}
+    if args.interface != "diffusion":  # the job's conv patch encoder is the diffusion interface's
+        overrides["model.image.patch_encoder"] = "linear"
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -5,7 +5,9 @@ runs through the trainer with the interface its tokens call for (codes -> "discr
 residual -> "hybrid", continuous -> "diffusion", or the one named after a colon, e.g. `pixels:mar`),
 and the understanding input named after a plus (how the model reads images, `ImageConfig.understanding_input`;
 e.g. `DIR:discrete+latents`, `DIR:hybrid+encoder` with `model.image.understanding_encoder` in the overrides;
-default "codes"), on the same data, seed and step budget. Each model then draws `per_digit` images per prompted digit
+default "codes"), on the same data, seed and step budget, every one reading and writing its tokens through
+the linear patch layer (the default job's conv patch encoder is the diffusion interface's alone, so it would
+favour one column). Each model then draws `per_digit` images per prompted digit
 and captions the 297 held-out digits. Reported: prompted-class accuracy (an SVM on real digits
 judges each image), FWD between the drawn and the held-out real digits (None, shown empty, when the
 optional pytorchfwd is not installed), caption accuracy, training minutes and drawing speed. Run directories:
@@ -56,7 +58,7 @@ def run_config(out: Path, directory: str | None, interface: str, understanding: 
     `steps` steps, a checkpoint only at the end, no sample grids or evaluation (measured here); then `overrides`.
     The run directories belong to the comparison: running it again retrains them (`overwrite`)."""
     return load_config(CONFIG, {"out": str(out), "seed": seed, "train.steps": steps, "model.image.interface": interface,
-                                "model.image.understanding_input": understanding,
+                                "model.image.understanding_input": understanding, "model.image.patch_encoder": "linear",
                                 "model.image_tokenizer": directory, "checkpoint.every": 0, "samples.every": 0,
                                 "eval.digits": 0, "log.progress": progress, "overwrite": True, **(overrides or {})})
 

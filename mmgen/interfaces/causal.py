@@ -75,7 +75,7 @@ def check_model(name: str, config: ModelConfig) -> None:
     if config.image.patch_encoder != "linear":
         raise ConfigError(f"image.patch_encoder = {config.image.patch_encoder!r} applies to the 'diffusion' interface "
                           f"(its patches are denoised in the backbone); the {name!r} interface embeds each token "
-                          "alone: drop it")
+                          "alone: set it to 'linear'")
     if config.diffusion.t_sampling != "uniform":
         raise ConfigError(f"diffusion.t_sampling = {config.diffusion.t_sampling!r} applies to the 'diffusion' "
                           f"interface; the {name!r} interface draws no such time in the backbone (the MLP head of "
