@@ -109,11 +109,12 @@ def test_a_trained_image_tokenizer_sets_the_tokens_and_must_take_the_configs_ima
     fits = load_config("digits-tiny", {"model.image_tokenizer": rgb, "model.image.tokenizer.channels": "3",
                                        "model.image.tokenizer.resolution": 16})
     assert resolve_model(fits.model)[0].image.tokens_per_image == 16  # an 8×8 latent grid in 2×2 patches
-    with pytest.raises(ConfigError, match="remove model.image.tokenizer.kind"):
-        load_config("digits-tiny", {"model.image_tokenizer": vq, "model.image.tokenizer.kind": "vq"})
+    stated = {"model.image_tokenizer": vq, "model.image.interface": "discrete", "model.image.tokenizer.kind": "vae",
+              "model.image.tokenizer.latent_channels": 8}  # the tokenizer a run would train when none is named
+    assert resolve_model(load_config("digits-tiny", stated).model)[0].image.tokenizer.latent_channels == 4  # vq's
     folder = load_config(str(REPO / "configs" / "image-folder.yaml"), {"model.image_tokenizer": rgb,
                                                                           "model.image.tokenizer.resolution": 16})
-    assert resolve_model(folder.model)[0].image.tokenizer.kind == "vae"  # its pixel section states only the format
+    assert resolve_model(folder.model)[0].image.tokenizer.latent_channels == 2  # rgb's, not the config's VAE's
     with pytest.raises(ConfigError, match="model.image: the 'discrete' interface"):
         load_config("digits-tiny", {"model.image_tokenizer": vae, "model.image.interface": "discrete"})
 

@@ -87,8 +87,8 @@ def test_encoder_input_trains_through_the_trainer_and_travels_with_the_model(tok
     image = {"interface": "discrete", "patch_size": 1, "understanding_input": "encoder",
              "understanding_encoder": clip_dir,
              "tokenizer": {"kind": "vq", "downsample": 2, "latent_channels": 3, "codebook_size": 16, "width": 8}}
-    cfg = micro_config(tmp_path / "run", tmp_path / "tok")
-    cfg["model"]["image"] = image
+    cfg = micro_config(tmp_path / "run", tmp_path / "tok", image_tokenizer={"steps": 2, "max_images": 32})
+    cfg["model"]["image"] = image  # the VQ is trained first, 2 steps on 32 digits
     out = run(build(TrainConfig, cfg))
     shutil.rmtree(clip_dir)  # the model directory carries the encoder: its config file and its weights
     trained = MMGenModel.from_pretrained(out)

@@ -3,6 +3,8 @@
     out, seed, resume, overwrite
     model       preset (tiny / small / base) + overrides of `mmgen.config.ModelConfig` fields
     tokenizer   a trained SentencePiece model, or one trained here on the data's text
+    image_tokenizer   the budget of an image tokenizer (model.image.tokenizer kind vae / vq / hybrid) trained
+                here on the data's images before the model, when model.image_tokenizer names none
     data        sources (bundled, image folder, HF datasets on disk, text, interleaved) mixed by weight
     optim       AdamW, warmup + cosine decay, gradient clipping
     train       steps, global batch, accumulation, precision, EMA, the non-finite guard
@@ -13,6 +15,7 @@ Named configs ship in `mmgen/train/configs/`; with no config, `mmgen train` runs
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +137,22 @@ class TokenizerSection:
 
 
 @dataclass
+class ImageTokenizerTraining:
+    steps: int = opt(1000, "optimizer steps (the cosine schedule spans them)")
+    batch_size: int = opt(32, "images per step")
+    lr: float = opt(1e-3, "peak learning rate (AdamW; 100 warmup steps, cosine to a tenth)")
+    max_minutes: float = opt(0.0, "wall-clock budget in minutes, the schedule following the clock (0: none; "
+                                  "a budget makes the result depend on the machine's speed)")
+    max_images: int = opt(10_000, "images drawn from the sources, held in memory as float32 (N·C·R²·4 bytes); "
+                                  "5% of them, at most 256, are held out for the reported PSNR")
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.max_images) < 1 or self.lr <= 0 or self.max_minutes < 0:
+            raise ConfigError("image_tokenizer.steps, batch_size and max_images must be >= 1, lr > 0, "
+                              "max_minutes >= 0")
+
+
+@dataclass
 class OptimConfig:
     lr: float = opt(2e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = opt(0.05, "final learning rate as a share of lr (cosine decay)")
@@ -196,11 +215,12 @@ class SampleConfig:
     image_steps: int = opt(0, "denoising steps (0: the interface's default: 25 in the backbone, the MLP head's own)")
     guidance: float = opt(3.0, "classifier-free guidance scale")
 
+    seed: int = opt(0, "sampling seed (the same images each time for the same weights)")
+    scale: int = opt(4, "nearest-neighbour upscaling of the PNG")
+
     def __post_init__(self) -> None:
         if self.every < 0 or self.image_steps < 0 or self.per_prompt < 1 or self.scale < 1:
             raise ConfigError("samples.every and image_steps must be >= 0, per_prompt and scale >= 1")
-    seed: int = opt(0, "sampling seed (the same images each time for the same weights)")
-    scale: int = opt(4, "nearest-neighbour upscaling of the PNG")
 
 
 @dataclass
@@ -224,6 +244,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "start afresh in an OUT that holds a run (deletes its checkpoints and model)")
     model: ModelSection = opt(ModelSection(), "model")
     tokenizer: TokenizerSection = opt(TokenizerSection(), "text tokenizer")
+    image_tokenizer: ImageTokenizerTraining = opt(ImageTokenizerTraining(), "image tokenizer trained here first, "
+                                                  "into OUT/image_tokenizer, when model.image.tokenizer.kind is "
+                                                  "vae, vq or hybrid and model.image_tokenizer is not set")
     data: DataConfig = opt(DataConfig(), "data")
     optim: OptimConfig = opt(OptimConfig(), "optimizer and learning-rate schedule")
     train: LoopConfig = opt(LoopConfig(), "training loop")
@@ -276,28 +299,27 @@ def resolve_model(section: ModelSection, load_weights: bool = False):
     return config, (tokenizer if load_weights else None)
 
 
-IMAGE_FORMAT = ("channels", "resolution")  # the keys of model.image.tokenizer a trained tokenizer is checked against
+IMAGE_FORMAT = ("channels", "resolution")  # the image format: what a config's data are read at
+
+
+def with_image_tokenizer(section: ModelSection, directory: str | Path) -> ModelSection:
+    """`section` with `model.image_tokenizer` = `directory` (a tokenizer trained for it)."""
+    return dataclasses.replace(section, image_tokenizer=str(directory))
 
 
 def _trained_image_tokenizer(directory: str, stated: dict):
-    """Load the image tokenizer in `directory`; `stated` (model.image.tokenizer) may only give the image
-    format the config's data are prepared at, which the tokenizer must take (e.g. digits: 1×8²)."""
+    """Load the image tokenizer in `directory`. It replaces `stated` (model.image.tokenizer: the one a run trains
+    when none is named, or raw pixels), whose image format it must take (e.g. digits: 1×8²)."""
     from mmgen.tokenizers.image import load_image_tokenizer
 
     if not isinstance(stated, dict):
         raise ConfigError(f"model.image.tokenizer is a section: give a mapping of its keys, got {stated!r}")
-    if stated.get("kind") == "pixels":  # raw pixels (e.g. configs/image-folder.yaml) state nothing but the format
-        stated = {k: v for k, v in stated.items() if k not in ("kind", "latent_channels", "downsample")}
-    other = sorted(set(stated) - set(IMAGE_FORMAT))
-    if other:
-        raise ConfigError(f"model.image_tokenizer replaces model.image.tokenizer, which may then only state the image "
-                          f"format ({', '.join(IMAGE_FORMAT)}); remove model.image.tokenizer.{other[0]}")
     try:
         tokenizer = load_image_tokenizer(directory)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.image_tokenizer: {e}") from None
     c = tokenizer.config
-    want = {k: convert(v, int, f"model.image.tokenizer.{k}") for k, v in stated.items()}
+    want = {k: convert(stated[k], int, f"model.image.tokenizer.{k}") for k in IMAGE_FORMAT if k in stated}
     if any(getattr(c, k) != v for k, v in want.items()):
         fmt = f"{want.get('channels', c.channels)}×{want.get('resolution', c.resolution)}²"
         raise ConfigError(f"model.image_tokenizer: {directory} takes {c.channels}×{c.resolution}² images, this "

@@ -4,7 +4,8 @@ AdamW (decay on conv weights only) with `mmgen.train.optim`'s warmup and cosine 
 follows the clock under a time budget; a tqdm bar on a terminal, one log line every `log_every`
 steps otherwise; periodic and final checkpoints through the atomic `save_pretrained` (each one
 calibrated, so any checkpoint is usable); a reconstruction grid (originals above reconstructions)
-and `train_log.jsonl` / `train_summary.json` in the output directory.
+and `train_log.jsonl` / `train_summary.json` in the output directory. `run_image_tokenizer` is the stage of
+`mmgen train` that trains the run's own tokenizer on its data first (the `image_tokenizer` config section).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mmgen.config import ImageTokenizerConfig
-from mmgen.errors import ConfigError, DataError
+from mmgen.data.source import UnreadableItem
+from mmgen.errors import CheckpointError, ConfigError, DataError
 from mmgen.files import atomic_write, save_image_grid, write_json
 from mmgen.metrics import code_statistics_of, psnr
 from mmgen.tokenizers.image import ImageTokenizer, build_image_tokenizer, reconstruct
@@ -36,6 +41,7 @@ DATA_DEFAULTS: dict[str, dict] = {
     "folder": dict(channels=3, resolution=64, downsample=8, latent_channels=4, codebook_size=1024, width=32,
                    res_blocks=1, steps=3000, batch_size=32, lr=1e-3),
 }
+SUMMARY_FILE = "train_summary.json"
 MIN_LR_RATIO = 0.1  # the cosine decays to a tenth of the peak rate
 WEIGHT_DECAY = 1e-4
 
@@ -84,6 +90,7 @@ def train_image_tokenizer(
     save_every: int = 500,
     log_every: int = 50,
     warmup: int = 100,
+    device: str | torch.device = "cpu",
 ) -> tuple[ImageTokenizer, list[dict]]:
     """Train a tokenizer of `config.kind` on images in [-1, 1]; save it to `out_dir`.
 
@@ -99,6 +106,7 @@ def train_image_tokenizer(
         eval_images: held-out images for the final PSNR and the grid (default: 8 training images).
         save_every: checkpoint period in steps.
         warmup: linear warmup steps.
+        device: where the tokenizer trains (the images stay where they are; each batch moves).
     Returns: (the trained tokenizer in eval mode, the list of logged records).
     """
     images = _as_tensor(images_dataset)
@@ -106,7 +114,7 @@ def train_image_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    tokenizer = _trainable(dataclasses.replace(config), images)
+    tokenizer = _trainable(dataclasses.replace(config), images).to(device)
     opt = torch.optim.AdamW(param_groups(tokenizer, WEIGHT_DECAY, conv_weights), lr=lr, betas=(0.9, 0.99))
     calib = images[torch.randperm(len(images), generator=gen)[:2048]]
     show = (eval_images if eval_images is not None else images)[:8]
@@ -116,7 +124,8 @@ def train_image_tokenizer(
     while step < steps and not stop:
         clock_step = steps * (time.perf_counter() - start) / budget
         rate = lr_at(max(step, int(clock_step)), lr, warmup, steps, MIN_LR_RATIO)
-        parts = _step(tokenizer, opt, images[torch.randint(len(images), (batch_size,), generator=gen)], rate, step)
+        batch = images[torch.randint(len(images), (batch_size,), generator=gen)].to(device)  # (B, C, R, R)
+        parts = _step(tokenizer, opt, batch, rate, step)
         step += 1
         stop = time.perf_counter() - start >= budget
         log.add(step, rate, parts, force=step == steps or stop)
@@ -128,7 +137,7 @@ def train_image_tokenizer(
     summary = {"kind": config.kind, "steps": step, "minutes": round((time.perf_counter() - start) / 60, 2),
                "batch_size": batch_size, "lr": lr, "final": log.records[-1] if log.records else {},
                **(_held_out(tokenizer, eval_images) if eval_images is not None else {})}
-    write_json(out / "train_summary.json", summary)
+    write_json(out / SUMMARY_FILE, summary)  # last: its presence says the training finished
     return tokenizer, log.records
 
 
@@ -159,7 +168,7 @@ def _trainable(config: ImageTokenizerConfig, images: Tensor) -> ImageTokenizer:
 def _checkpoint(tokenizer: ImageTokenizer, calib: Tensor, show: Tensor, out: Path) -> None:
     """Calibrate, save the tokenizer and its reconstruction grid (originals above), back to training mode."""
     tokenizer.eval()
-    tokenizer.calibrate(calib)
+    tokenizer.calibrate(calib.to(tokenizer.device))
     tokenizer.save_pretrained(out)
     save_image_grid(torch.stack([show, reconstruct(tokenizer, show)]), out / "reconstructions.png")
     tokenizer.train()
@@ -216,3 +225,82 @@ def _as_tensor(images: Tensor | Dataset) -> Tensor:
         return images.float()
     items = [images[i] for i in range(len(images))]
     return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).float()
+
+
+# -- the image tokenizer of a training run ------------------------------------------------------------------------
+
+TRAINED_HERE = ("vae", "vq", "hybrid")  # model.image.tokenizer kinds `mmgen train` trains first when none is given
+IMAGE_TOKENIZER_DIR = "image_tokenizer"  # under OUT
+
+
+def trains_image_tokenizer(model_section, config: ImageTokenizerConfig) -> bool:
+    """Whether a run trains its image tokenizer first: the config asks for a trainable kind and names no
+    trained one (`model.image_tokenizer`)."""
+    return config.kind in TRAINED_HERE and not model_section.image_tokenizer
+
+
+def images_of_sources(sources: list, limit: int, seed: int) -> Tensor:
+    """(N, C, R, R): up to `limit` images from the sources' items, an even share from each, in a seeded order.
+    An item that cannot be read is skipped; a source is left after 4× its share of items without an image
+    (a text-only source gives none)."""
+    rng, per, images = random.Random(seed), max(1, limit // max(1, len(sources))), []
+    for src in sources:
+        order, got, tried = list(range(len(src))), 0, 0
+        rng.shuffle(order)
+        for i in order:
+            if got >= per or tried >= 4 * per:
+                break
+            tried += 1
+            try:
+                found = [s for s in src.sample(i, rng) if isinstance(s, Tensor)][: per - got]
+            except UnreadableItem:
+                continue
+            images += found
+            got += len(found)
+    if not images:
+        raise DataError("the data sources hold no images to train the image tokenizer on (model.image.tokenizer.kind "
+                        "vae, vq or hybrid is trained first on them); add an image source, or give a trained one as "
+                        "model.image_tokenizer=DIR")
+    return torch.stack(images).float()
+
+
+def run_image_tokenizer(section, config: ImageTokenizerConfig, sources: list, out: Path, resume: bool, main: bool,
+                        barrier: Callable[[], None], seed: int = 0, device: str | torch.device = "cpu",
+                        progress: bool = True) -> Path:
+    """The image tokenizer of a training run that names none: trained on the main process from the sources'
+    images into OUT/image_tokenizer (replacing what is there) while the others wait; on resume, the one the run
+    trained at its start. Returns its directory, for `model.image_tokenizer`.
+
+    Args:
+        section: the config's `ImageTokenizerTraining` (steps, batch_size, lr, max_minutes, max_images).
+        config: the tokenizer to train (`model.image.tokenizer`, resolved: kind, format and shape).
+        resume: whether the run resumes a checkpoint (whose model holds this tokenizer).
+    Raises:
+        CheckpointError: on resume, when OUT/image_tokenizer holds no finished tokenizer.
+        DataError: the sources hold no image.
+    """
+    directory = out / IMAGE_TOKENIZER_DIR
+    if resume:
+        if not (directory / SUMMARY_FILE).is_file():
+            raise CheckpointError(f"--resume: this run trains its image tokenizer ({config.kind}) first, and "
+                                  f"{directory} holds no finished one; restore it, or start afresh (--overwrite=true)")
+        return directory
+    if main:
+        shutil.rmtree(directory, ignore_errors=True)
+    barrier()  # no process can see an earlier run's tokenizer from here on
+    if not main:  # wait on the file, not in a collective, which would time out (30 min) under a long budget; a
+        while not (directory / SUMMARY_FILE).is_file():  # launcher (accelerate, torchrun) stops us if main fails
+            time.sleep(2)
+        return directory
+    images = images_of_sources(sources, section.max_images, seed)  # (N, C, R, R)
+    held = min(256, len(images) // 20)
+    print(f"image tokenizer: training a {config.kind} ({config.grid}×{config.grid} latent cells per image) on "
+          f"{len(images) - held} images of the data ({held} held out) for {section.steps} steps"
+          f"{f' or {section.max_minutes:g} min' if section.max_minutes else ''} -> {directory}", flush=True)
+    train_image_tokenizer(config, images[held:], directory, steps=section.steps, batch_size=section.batch_size,
+                          lr=section.lr, max_minutes=section.max_minutes or None, seed=seed, progress=progress,
+                          eval_images=images[:held] if held else None, device=device)
+    summary = json.loads((directory / SUMMARY_FILE).read_text())
+    psnr_note = f", held-out PSNR {summary['held_out_psnr']} dB" if "held_out_psnr" in summary else ""
+    print(f"image tokenizer: {summary['steps']} steps in {summary['minutes']} min{psnr_note}", flush=True)
+    return directory
