@@ -13,13 +13,13 @@ Stages, each skipped when its output under --out (default runs/emoji) exists:
            face"), pixels by mmgen's conversion rule (`mmgen.data.images.to_grey_or_rgb`: alpha over white, RGB),
            10% held out by the SHA-256 of the code point string -> train/ and heldout/ image folders
   train    `python -m mmgen.train configs/image-folder.yaml` on train/ with --steps, --batch-size, --resolution,
-           --preset as overrides (past 32 px, patches of resolution/16 keep 256 tokens per image) -> OUT/model
-           (an interrupted run resumes from its checkpoint)
+           --preset as overrides -> OUT/model (the run trains its VAE on train/ first, into OUT/model/image_tokenizer;
+           an interrupted run resumes from its checkpoint)
   measure  one image per held-out caption; FWD (and its log) against the held-out reals, beside three references
            measured in the same run: as many train reals (the floor), the held-out reals blurred 4× (down and up),
-           uniform noise; how often generated image i has real i (the one caption i describes) nearest among the
-           held-out reals at 8×8, or among the nearest 10; the share of held-out reals the model captions with
-           their main word; writes
+           uniform noise, and for a latent model the held-out reals through its image tokenizer; how often
+           generated image i has real i (the one caption i describes) nearest among the held-out reals at 8×8, or
+           among the nearest 10; the share of held-out reals the model captions with their main word; writes
            OUT/measure.json and DOCS/emoji_grid.png (real | generated, with the caption), prints a markdown table
 docs/emoji.md has the caption rule, the split, the references and measured figures.
 """
@@ -46,13 +46,16 @@ from mmgen.data.images import load_image
 from mmgen.generation import GenerationOptions
 from mmgen.metrics import frechet_wavelet_distance, fwd_level
 from mmgen.pipeline import Pipeline, to_pil
+from mmgen.tokenizers.image import reconstruct
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "image-folder.yaml"
 QUICK = {"limit": 200, "steps": 30, "batch_size": 8, "resolution": 16, "preset": "tiny"}  # --quick: toy scale
-QUICK_TRAIN = ["--optim.warmup_steps=5"]  # --quick: the config's 1,000 warmup steps would leave 30 steps at lr ≈ 0
+# --quick: the config's 1,000 warmup steps would leave 30 steps at lr ≈ 0; its VAE gets 30 steps too
+QUICK_TRAIN = ["--optim.warmup_steps=5", "--image_tokenizer.steps=30"]
 SAMPLE_PROMPTS = "[an emoji of a grinning face, an emoji of a red apple, an emoji of a dog face]"
 GRID_PAIRS, GRID_SIDE, GRID_COLUMNS = 16, 128, 4  # pairs, pixels per image side, pairs per row
 CHUNK = 32  # images per engine call in `measure`
+TOKENIZER_FLOOR = "held-out reals through the image tokenizer"  # decode(encode(reals)): a latent model's floor
 
 # -- train --------------------------------------------------------------------------------------------------------
 
@@ -65,8 +68,7 @@ def train(out: Path, args: argparse.Namespace, extra: list[str]) -> Path:
         return run
     overrides = {"data.sources.0.path": out / "train", "out": run, "train.threads": args.threads,
                  "train.steps": args.steps, "train.batch_size": args.batch_size, "model.preset": args.preset,
-                 "model.image.tokenizer.resolution": args.resolution, "samples.prompts": SAMPLE_PROMPTS,
-                 "model.image.patch_size": args.resolution // 16 if args.resolution > 32 else None}  # 16×16 tokens
+                 "model.image.tokenizer.resolution": args.resolution, "samples.prompts": SAMPLE_PROMPTS}
     cmd = [sys.executable, "-m", "mmgen.train", str(CONFIG)]
     cmd += [f"--{k}={v}" for k, v in overrides.items() if v is not None] + extra
     if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
@@ -176,6 +178,8 @@ def measure(out: Path, model: Path, args: argparse.Namespace) -> dict:
     noise = torch.rand(held.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     sets = {"generated": generated, "train reals (floor)": train_reals, "held-out reals, 4× blur": blur4(held),
             "uniform noise": noise}
+    if c.tokenizer.kind != "pixels":  # a latent model draws no better than its tokenizer reconstructs
+        sets[TOKENIZER_FLOOR] = reconstruct(pipe.model.image_tokenizer, held)
     result = {"model": str(model), "images": len(held), "resolution": c.resolution, "guidance": args.guidance,
               "image_steps": args.image_steps, "fwd_level": fwd_level(c.resolution), "fwd": fwd_table(held, sets),
               "draw_s_per_image": round(draw_s / len(held), 3), "retrieval": retrieval(held, generated),

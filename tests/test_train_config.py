@@ -14,6 +14,7 @@ from mmgen.errors import ConfigError
 from mmgen.train.config import DEFAULT_CONFIG, TrainConfig, help_text, load_config, named_configs, resolve_model
 from mmgen.train.entrypoint import main, parse_argv
 from mmgen.train.overrides import build, to_dict
+from mmgen.train.tokenizer import trains_image_tokenizer
 
 
 def test_the_default_job_is_the_bundled_digits_config():
@@ -27,6 +28,15 @@ def test_the_default_job_is_the_bundled_digits_config():
     assert model.image.tokens_per_image == 16
     assert (model.image.patch_encoder, model.image.unet_skips, model.diffusion.max_t_when_conditioning) == \
         ("unet", False, 0.25)  # the recipe README measures (captions 97.3-98.7% over three seeds)
+
+
+def test_the_image_folder_config_trains_its_vae_first():
+    cfg = load_config(str(REPO / "configs" / "image-folder.yaml"))
+    model, _ = resolve_model(cfg.model)
+    assert trains_image_tokenizer(cfg.model, model.image.tokenizer)  # the recipe docs/emoji.md measures
+    assert (model.image.tokenizer.kind, model.image.tokenizer.grid, model.image.tokens_per_image) == ("vae", 8, 64)
+    assert (model.backbone.image_positions, model.diffusion.t_sampling) == ("2d", "logit_normal")
+    assert cfg.image_tokenizer.steps == 3000
 
 
 def test_named_config_is_found_from_any_directory(tmp_path):

@@ -241,8 +241,8 @@ def trains_image_tokenizer(model_section, config: ImageTokenizerConfig) -> bool:
 
 def images_of_sources(sources: list, limit: int, seed: int) -> Tensor:
     """(N, C, R, R): up to `limit` images from the sources' items, an even share from each, in a seeded order.
-    An item that cannot be read is skipped; a source is left after 4× its share of items without an image
-    (a text-only source gives none)."""
+    An item that cannot be read is skipped; a source is left once its share is drawn or 4× its share of items
+    were tried (a text-only source gives none)."""
     rng, per, images = random.Random(seed), max(1, limit // max(1, len(sources))), []
     for src in sources:
         order, got, tried = list(range(len(src))), 0, 0
@@ -265,11 +265,11 @@ def images_of_sources(sources: list, limit: int, seed: int) -> Tensor:
 
 
 def run_image_tokenizer(section, config: ImageTokenizerConfig, sources: list, out: Path, resume: bool, main: bool,
-                        barrier: Callable[[], None], seed: int = 0, device: str | torch.device = "cpu",
-                        progress: bool = True) -> Path:
+                        barrier: Callable[[], None], seed: int = 0, device: str | torch.device = "cpu") -> Path:
     """The image tokenizer of a training run that names none: trained on the main process from the sources'
     images into OUT/image_tokenizer (replacing what is there) while the others wait; on resume, the one the run
-    trained at its start. Returns its directory, for `model.image_tokenizer`.
+    trained at its start. Returns its directory, for `model.image_tokenizer`. Progress: a bar on a terminal, a
+    line every 50 steps otherwise.
 
     Args:
         section: the config's `ImageTokenizerTraining` (steps, batch_size, lr, max_minutes, max_images).
@@ -298,7 +298,7 @@ def run_image_tokenizer(section, config: ImageTokenizerConfig, sources: list, ou
           f"{len(images) - held} images of the data ({held} held out) for {section.steps} steps"
           f"{f' or {section.max_minutes:g} min' if section.max_minutes else ''} -> {directory}", flush=True)
     train_image_tokenizer(config, images[held:], directory, steps=section.steps, batch_size=section.batch_size,
-                          lr=section.lr, max_minutes=section.max_minutes or None, seed=seed, progress=progress,
+                          lr=section.lr, max_minutes=section.max_minutes or None, seed=seed,
                           eval_images=images[:held] if held else None, device=device)
     summary = json.loads((directory / SUMMARY_FILE).read_text())
     psnr_note = f", held-out PSNR {summary['held_out_psnr']} dB" if "held_out_psnr" in summary else ""

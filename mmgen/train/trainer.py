@@ -119,7 +119,7 @@ class Trainer:
         if trains_image_tokenizer(section, img.tokenizer):  # a vae / vq / hybrid named by kind: trained here first
             directory = run_image_tokenizer(c.image_tokenizer, img.tokenizer, self.sources, self.out,
                                             bool(self.resume_dir), self.main, self.acc.wait_for_everyone, c.seed,
-                                            self.acc.device, c.log.progress)
+                                            self.acc.device)
             section = with_image_tokenizer(section, directory)
         model_cfg, image_tokenizer = resolve_model(section, load_weights=True)
         img = model_cfg.image
