@@ -229,7 +229,8 @@ def test_train_output_checked_before_the_data(tmp_path, capsys):
 
 def test_a_typo_in_a_train_key_names_the_closest_key_only(capsys):
     err = fails(["train", "--steps=5"], capsys)
-    assert err.startswith("error: unknown config key 'steps'; did you mean 'train.steps'? (config ")
+    assert err.startswith("error: unknown config key 'steps'; did you mean 'image_tokenizer.steps' or 'train.steps'? "
+                          "(config ")  # the two sections that have it
     assert "keys here" not in err
     err = fails(["train", "--optim.lrr=3"], capsys)
     assert "did you mean 'lr'?" in err and "weight_decay" not in err

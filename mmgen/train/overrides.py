@@ -2,7 +2,7 @@
 
 `build(klass, data)` maps nested dicts onto dataclasses, converting and checking every value
 against the field's type hint (a YAML `1e-3` or a command-line "3e-4" becomes a float); an unknown
-key is a `ConfigError` that names the closest valid key(s) (`steps`: "did you mean 'train.steps'?").
+key is a `ConfigError` that names the closest valid key(s) (`lrr`: "did you mean 'lr'?").
 Dotted overrides (`optim.lr=3e-4`, `data.sources.0.path=...`) are applied to the raw dict first, so
 a file and the command line go through one validation. `describe(klass)` renders `--help` from each field's `help` metadata.
 """
