@@ -15,7 +15,6 @@ Named configs ship in `mmgen/train/configs/`; with no config, `mmgen train` runs
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,11 +299,6 @@ def resolve_model(section: ModelSection, load_weights: bool = False):
 
 
 IMAGE_FORMAT = ("channels", "resolution")  # the image format: what a config's data are read at
-
-
-def with_image_tokenizer(section: ModelSection, directory: str | Path) -> ModelSection:
-    """`section` with `model.image_tokenizer` = `directory` (a tokenizer trained for it)."""
-    return dataclasses.replace(section, image_tokenizer=str(directory))
 
 
 def _trained_image_tokenizer(directory: str, stated: dict):

@@ -122,8 +122,7 @@ def train_image_tokenizer(
     log = _Log(out / "train_log.jsonl", steps, log_every, progress, config.kind)
     start, step, stop = time.perf_counter(), 0, False
     while step < steps and not stop:
-        clock_step = steps * (time.perf_counter() - start) / budget
-        rate = lr_at(max(step, int(clock_step)), lr, warmup, steps, MIN_LR_RATIO)
+        rate = lr_at(max(step, int(steps * (time.perf_counter() - start) / budget)), lr, warmup, steps, MIN_LR_RATIO)
         batch = images[torch.randint(len(images), (batch_size,), generator=gen)].to(device)  # (B, C, R, R)
         parts = _step(tokenizer, opt, batch, rate, step)
         step += 1
@@ -132,12 +131,9 @@ def train_image_tokenizer(
         if step % save_every == 0 and step < steps and not stop:
             _checkpoint(tokenizer, calib, show, out)
     log.close()
-    _checkpoint(tokenizer, calib, show, out)
-    tokenizer.eval()
-    summary = {"kind": config.kind, "steps": step, "minutes": round((time.perf_counter() - start) / 60, 2),
-               "batch_size": batch_size, "lr": lr, "final": log.records[-1] if log.records else {},
-               **(_held_out(tokenizer, eval_images) if eval_images is not None else {})}
-    write_json(out / SUMMARY_FILE, summary)  # last: its presence says the training finished
+    minutes = round((time.perf_counter() - start) / 60, 2)
+    _finish(tokenizer, calib, show, out, eval_images, {"kind": config.kind, "steps": step, "minutes": minutes,
+            "batch_size": batch_size, "lr": lr, "final": log.records[-1] if log.records else {}})
     return tokenizer, log.records
 
 
@@ -172,6 +168,17 @@ def _checkpoint(tokenizer: ImageTokenizer, calib: Tensor, show: Tensor, out: Pat
     tokenizer.save_pretrained(out)
     save_image_grid(torch.stack([show, reconstruct(tokenizer, show)]), out / "reconstructions.png")
     tokenizer.train()
+
+
+def _finish(tokenizer: ImageTokenizer, calib: Tensor, show: Tensor, out: Path, eval_images: Tensor | None,
+            summary: dict) -> None:
+    """The final checkpoint, in eval mode, then OUT/train_summary.json (`summary` plus the held-out figures),
+    written last: its presence says the training finished (`run_image_tokenizer` waits on it)."""
+    _checkpoint(tokenizer, calib, show, out)
+    tokenizer.eval()
+    if eval_images is not None:
+        summary.update(_held_out(tokenizer, eval_images))
+    write_json(out / SUMMARY_FILE, summary)
 
 
 def _held_out(tokenizer: ImageTokenizer, images: Tensor) -> dict:

@@ -18,6 +18,7 @@ options (attention kernel, compiled or checkpointed layers) are in docs/training
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ from mmgen.model import MMGenModel
 from mmgen.outputs import disk_full
 from mmgen.sequence import SequenceBuilder
 from mmgen.train.checkpoints import STATE, CheckpointManager, check_same_model, load_weights
-from mmgen.train.config import TrainConfig, resolve_model, with_image_tokenizer
+from mmgen.train.config import TrainConfig, resolve_model
 from mmgen.train.data import Mixture, StepBatches, TrainDataset, make_loader
 from mmgen.train.freeze import adapt, merge_for_saving
 from mmgen.train.layers import checkpoint_layers, compile_layers
@@ -111,18 +112,17 @@ class Trainer:
         from accelerate.utils import set_seed
 
         c = self.cfg
-        model_cfg, _ = resolve_model(c.model)  # the image format the sources are read at
+        model_cfg, image_tokenizer = resolve_model(c.model, load_weights=True)
         img, max_length = model_cfg.image, model_cfg.backbone.max_position_embeddings
         self.sources = [build_source(s, seed=c.seed, channels=img.channels, resolution=img.resolution,
                                      max_chars=4 * max_length, verbose=self.main) for s in c.data.sources]
-        section = c.model
-        if trains_image_tokenizer(section, img.tokenizer):  # a vae / vq / hybrid named by kind: trained here first
+        if trains_image_tokenizer(c.model, img.tokenizer):  # a vae / vq / hybrid named by kind: trained here first
             directory = run_image_tokenizer(c.image_tokenizer, img.tokenizer, self.sources, self.out,
                                             bool(self.resume_dir), self.main, self.acc.wait_for_everyone, c.seed,
                                             self.acc.device)
-            section = with_image_tokenizer(section, directory)
-        model_cfg, image_tokenizer = resolve_model(section, load_weights=True)
-        img = model_cfg.image
+            section = dataclasses.replace(c.model, image_tokenizer=str(directory))
+            model_cfg, image_tokenizer = resolve_model(section, load_weights=True)  # the format is unchanged
+            img = model_cfg.image
         self.tokenizer = run_tokenizer(c.tokenizer, self.sources, self.out, self.resume_dir, self.main,
                                        self.acc.wait_for_everyone, c.model.init_from)
         if "vocab_size" not in c.model.backbone:
